@@ -1,0 +1,84 @@
+"""The `mpmae` command line: parse arguments, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from mpmae.data.inspect import inspect_folder
+
+    print("\n".join(inspect_folder(args.folder, sample=args.sample).lines()))
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from mpmae.data.synth import write_synthetic_mmearth
+
+    out = write_synthetic_mmearth(
+        args.out, tiles=args.tiles, size=args.size, seed=args.seed, overwrite=args.overwrite, progress=True
+    )
+    print(f"wrote {args.tiles} synthetic tiles of {args.size} px to {out}")
+
+
+def _shard(args: argparse.Namespace) -> None:
+    from mpmae.data.shards import write_shards
+
+    paths = write_shards(
+        args.folder,
+        args.out,
+        format=args.format,
+        split=args.split,
+        tiles_per_shard=args.tiles_per_shard,
+        modalities=args.modalities,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(f"wrote {len(paths)} {args.format} shard(s) to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `mpmae` subcommand."""
+    parser = argparse.ArgumentParser(prog="mpmae", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="validate an MMEarth folder and print a summary")
+    inspect.add_argument("folder", type=Path)
+    inspect.add_argument("--sample", type=int, default=256, help="tiles read to measure no-data shares")
+    inspect.set_defaults(run=_inspect)
+
+    synth = commands.add_parser("synth", help="write a learnable synthetic MMEarth v001 folder")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--tiles", type=int, required=True)
+    synth.add_argument("--size", type=int, choices=(64, 128), default=64)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    synth.set_defaults(run=_synth)
+
+    shard = commands.add_parser("shard", help="convert a folder into Parquet or FFCV training shards")
+    shard.add_argument("folder", type=Path)
+    shard.add_argument("out", type=Path)
+    shard.add_argument("--format", choices=("parquet", "ffcv"), default="parquet")
+    shard.add_argument("--split", choices=("train", "val", "test"), default="train")
+    shard.add_argument("--tiles-per-shard", type=int, default=1024)
+    shard.add_argument("--modalities", default="all_mod", help="preset or comma-free modality name")
+    shard.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
+    shard.set_defaults(run=_shard)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mpmae` console script; bad input exits 2 with the error, not a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"mpmae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
