@@ -1,0 +1,332 @@
+"""MMEarth v001 folders: file discovery, strict validation and the (batched) reader.
+
+A folder holds four files, found by pattern (spec 1.1): ``data_*.h5``, ``data_*_splits.json``,
+``data_*_tile_info.json`` and ``data_*_band_stats.json``. Items are preprocessed as the reference loader
+does at HEAD (spec 1.7: no-data to NaN, then z-score; label maps to class indices with -1 as ignore), with
+its bugs fixed: ESA WorldCover tree cover (class 0) is kept, and unknown label codes become -1.
+
+All preprocessing is vectorised over a batch in :func:`MMEarthDataset.read_batch`; the per-item path calls
+it with one index. The HDF5 file is opened lazily once per process, so a dataset object can be pickled to
+Ray workers or forked into loader processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mpmae.modalities import Modality, Selection, class_lookup, get_modality, resolve_selection
+
+SPLITS = ("train", "val", "test")
+S2_TYPES = ("l1c", "l2a")
+
+Batch = dict[str, Any]
+
+
+class MMEarthFormatError(ValueError):
+    """A folder, file, key or value does not match the MMEarth v001 format."""
+
+
+@dataclass(frozen=True)
+class MMEarthFiles:
+    """The four files of an MMEarth folder."""
+
+    h5: Path
+    splits: Path
+    tile_info: Path
+    band_stats: Path
+
+    PATTERNS = {
+        "h5": "data_*.h5",
+        "splits": "data_*_splits.json",
+        "tile_info": "data_*_tile_info.json",
+        "band_stats": "data_*_band_stats.json",
+    }
+
+    @classmethod
+    def discover(cls, root: Path | str) -> MMEarthFiles:
+        """Find each file by its pattern; exactly one match each, or a clear error."""
+        root = Path(root)
+        if not root.is_dir():
+            raise MMEarthFormatError(f"{root}: not a directory (expected an MMEarth v001 folder)")
+        found = {}
+        for role, pattern in cls.PATTERNS.items():
+            matches = sorted(root.glob(pattern))
+            if len(matches) != 1:
+                names = [m.name for m in matches] or "none"
+                raise MMEarthFormatError(
+                    f"{root}: expected exactly one file matching {pattern!r} ({role}), found {names}"
+                )
+            found[role] = matches[0]
+        return cls(**found)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise MMEarthFormatError(f"{path}: not valid JSON ({err})") from None
+
+
+def open_h5(path: Path) -> h5py.File:
+    """Open an HDF5 file read-only, turning h5py's OSError into an error that names the file."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise MMEarthFormatError(f"{path}: cannot be read as HDF5 (truncated or not an HDF5 file: {err})") from None
+
+
+def _index_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Split sorted, unique rows into maximal runs of consecutive rows, as (start, stop) pairs."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
+
+
+def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Read arbitrary rows with one h5 call per run of consecutive rows, returned in ``rows`` order."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    parts = [dataset[start:stop] for start, stop in _index_runs(unique)]
+    return np.concatenate(parts)[inverse]
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """Mean and std of the selected bands, shaped to broadcast against a (N, C, ...) batch."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+class MMEarthDataset:
+    """An MMEarth v001 folder as a map-style dataset of ``{modality: array, "id": tile_id}`` dicts.
+
+    ``modalities`` is a preset (``S2``, ``rgb``, ``img_mod``, ``pix_mod``, ``all_mod``), a list of
+    modality names or a ``{modality: bands}`` mapping (see :func:`mpmae.modalities.resolve_selection`).
+    Continuous modalities come back float32 (NaN where no data), label maps int64 with -1 as ignore,
+    biome and eco_region as the reference's one-hot int64 vectors.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        split: str = "train",
+        modalities: str | Sequence[str] | Mapping[str, Sequence[str] | None] = "all_mod",
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
+        self.root = Path(root)
+        self.split = split
+        self.selection: Selection = resolve_selection(modalities)
+        self.files = MMEarthFiles.discover(self.root)
+        self.tile_info: dict[str, dict[str, Any]] = _load_json(self.files.tile_info)
+        self._h5: h5py.File | None = None
+        self._h5_pid: int | None = None
+        self.num_tiles = self._validate_h5()
+        self.rows = self._load_split(self.num_tiles)
+        self._stats = self._load_stats()
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def _validate_h5(self) -> int:
+        """Check every selected dataset's shape and dtype against the registry; return the tile count."""
+        h5 = self.h5
+        if "metadata" not in h5:
+            raise MMEarthFormatError(f"{self.files.h5}: missing dataset 'metadata' (tile ids)")
+        num_tiles = h5["metadata"].shape[0]
+        size: int | None = None
+        for name in self.selection:
+            modality = get_modality(name)
+            if name not in h5:
+                raise MMEarthFormatError(f"{self.files.h5}: missing dataset {name!r}")
+            ds = h5[name]
+            expected_ndim = 4 if modality.level == "pixel" else 2
+            if ds.ndim != expected_ndim or ds.shape[0] != num_tiles or ds.shape[1] != len(modality.bands):
+                raise MMEarthFormatError(
+                    f"{self.files.h5}: dataset {name!r} has shape {ds.shape}; expected "
+                    f"({num_tiles}, {len(modality.bands)}{', H, W' if expected_ndim == 4 else ''}) "
+                    f"for {num_tiles} tiles and bands {list(modality.bands)}"
+                )
+            if expected_ndim == 4:
+                if ds.shape[2] != ds.shape[3] or (size is not None and ds.shape[2] != size):
+                    raise MMEarthFormatError(
+                        f"{self.files.h5}: dataset {name!r} has image size {ds.shape[2:]}; expected "
+                        f"square tiles of one size across modalities"
+                    )
+                size = ds.shape[2]
+            _check_dtype(self.files.h5, modality, ds.dtype)
+        self.image_size = size
+        return num_tiles
+
+    def _load_split(self, num_tiles: int) -> np.ndarray:
+        splits = _load_json(self.files.splits)
+        if self.split not in splits:
+            raise MMEarthFormatError(
+                f"{self.files.splits}: missing key {self.split!r}; found {sorted(splits)}"
+            )
+        rows = np.asarray(splits[self.split], dtype=np.int64)
+        bad = rows[(rows < 0) | (rows >= num_tiles)]
+        if bad.size:
+            raise MMEarthFormatError(
+                f"{self.files.splits}: split {self.split!r} holds index {int(bad[0])} outside the "
+                f"{num_tiles} tiles of {self.files.h5.name} (valid 0..{num_tiles - 1})"
+            )
+        return rows
+
+    def _load_stats(self) -> dict[str, _Stats]:
+        """Band statistics of every z-scored modality, keyed by stats name (S2 by level)."""
+        band_stats = _load_json(self.files.band_stats)
+        stats: dict[str, _Stats] = {}
+        for name, bands in self.selection.items():
+            modality = get_modality(name)
+            if modality.encoding != "zscore":
+                continue
+            keys = [f"{name}_{level}" for level in S2_TYPES] if name == "sentinel2" else [modality.stats_key]
+            for key in keys:
+                stats[key] = _select_stats(self.files.band_stats, band_stats, key, modality, bands)
+        return stats
+
+    # -- file handle --------------------------------------------------------------------------------
+
+    @property
+    def h5(self) -> h5py.File:
+        """The HDF5 file, opened once per process (handles do not survive fork or pickling)."""
+        if self._h5 is None or self._h5_pid != os.getpid():
+            self._h5 = open_h5(self.files.h5)
+            self._h5_pid = os.getpid()
+        return self._h5
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        state["_h5_pid"] = None
+        return state
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Batch:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for the {len(self)} tiles of split {self.split!r}")
+        batch = self.read_batch([index % len(self)])
+        return {key: value[0] for key, value in batch.items()}
+
+    def read_batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
+        """Items ``indices`` (positions in the split) stacked: one h5 call per run of rows, then
+        vectorised preprocessing. Returns ``{modality: array (N, ...), "id": list[str]}``."""
+        positions = np.asarray(indices, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"indices out of range for the {len(self)} tiles of split {self.split!r}")
+        rows = self.rows[positions]
+        ids = self.tile_ids(rows)
+        levels = self._s2_levels(ids)
+        batch: Batch = {}
+        for name, bands in self.selection.items():
+            raw = _read_rows(self.h5[name], rows)
+            batch[name] = self._preprocess(get_modality(name), bands, raw, levels)
+        batch["id"] = ids
+        return batch
+
+    def tile_ids(self, rows: np.ndarray) -> list[str]:
+        """Tile ids of h5 ``rows`` from ``metadata`` by position (field 0), whatever its compound layout."""
+        meta = _read_rows(self.h5["metadata"], rows)
+        if meta.dtype.names:
+            meta = meta[meta.dtype.names[0]]
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in meta]
+
+    def _s2_levels(self, ids: list[str]) -> np.ndarray | None:
+        """Per tile, True for L2A: Sentinel-2 statistics depend on the processing level in tile_info."""
+        if "sentinel2" not in self.selection:
+            return None
+        levels = []
+        for tile_id in ids:
+            info = self.tile_info.get(tile_id)
+            if info is None:
+                raise MMEarthFormatError(f"{self.files.tile_info}: no entry for tile id {tile_id!r}")
+            level = str(info.get("S2_type", "")).lower()
+            if level not in S2_TYPES:
+                raise MMEarthFormatError(
+                    f"{self.files.tile_info}: tile {tile_id!r} has S2_type {info.get('S2_type')!r}; "
+                    f"expected one of {list(S2_TYPES)}"
+                )
+            levels.append(level == "l2a")
+        return np.asarray(levels)
+
+    def _preprocess(
+        self, modality: Modality, bands: tuple[str, ...], raw: np.ndarray, l2a: np.ndarray | None
+    ) -> np.ndarray:
+        raw = raw[:, modality.band_indices(bands)] if len(bands) != len(modality.bands) else raw
+        if modality.encoding == "label_map":
+            return class_lookup(modality, raw.dtype)[raw]
+        if modality.encoding == "one_hot":
+            return raw.astype(np.int64)
+        if modality.encoding == "raw":
+            out = raw.astype(np.int64)
+            out[raw == modality.no_data] = -1
+            return out
+        return self._zscore(modality, raw, l2a)
+
+    def _zscore(self, modality: Modality, raw: np.ndarray, l2a: np.ndarray | None) -> np.ndarray:
+        values = raw.astype(np.float32)
+        if modality.no_data is not None:
+            values[raw == modality.no_data] = np.nan
+        if modality.name == "sentinel2":
+            assert l2a is not None
+            l1c_stats, l2a_stats = self._stats["sentinel2_l1c"], self._stats["sentinel2_l2a"]
+            shape = (-1,) + (1,) * (raw.ndim - 1)
+            pick = l2a.reshape(shape)
+            mean = np.where(pick, l2a_stats.mean, l1c_stats.mean)
+            std = np.where(pick, l2a_stats.std, l1c_stats.std)
+        else:
+            stats = self._stats[modality.stats_key]
+            mean, std = stats.mean, stats.std
+        return ((values - mean) / std).astype(np.float32)
+
+
+def _check_dtype(h5_path: Path, modality: Modality, dtype: np.dtype) -> None:
+    """Label maps must be unsigned integers (codes index a lookup table); anything else numeric."""
+    if modality.encoding in ("label_map", "one_hot", "raw"):
+        ok = dtype.kind == "u" or (modality.encoding == "one_hot" and dtype.kind == "i")
+        expected = f"an unsigned integer type (registry: {modality.disk_dtype})"
+    else:
+        ok = dtype.kind in "uif"
+        expected = f"a numeric type (registry: {modality.disk_dtype})"
+    if not ok:
+        raise MMEarthFormatError(f"{h5_path}: dataset {modality.name!r} has dtype {dtype}; expected {expected}")
+
+
+def _select_stats(
+    path: Path, band_stats: Mapping[str, Any], key: str, modality: Modality, bands: Iterable[str]
+) -> _Stats:
+    if key not in band_stats:
+        raise MMEarthFormatError(f"{path}: missing band statistics {key!r} for modality {modality.name!r}")
+    entry = band_stats[key]
+    arrays = {}
+    for field in ("mean", "std"):
+        values = entry.get(field) if isinstance(entry, Mapping) else None
+        if values is None or len(values) != len(modality.bands):
+            raise MMEarthFormatError(
+                f"{path}: {key}.{field} must list {len(modality.bands)} values "
+                f"(bands {list(modality.bands)}), found {values!r:.80}"
+            )
+        arrays[field] = np.asarray(values, dtype=np.float64)
+    index = modality.band_indices(list(bands))
+    mean, std = arrays["mean"][index], arrays["std"][index]
+    missing = [b for b, m, s in zip(bands, mean, std, strict=True) if not (np.isfinite(m) and np.isfinite(s))]
+    if missing:
+        raise MMEarthFormatError(
+            f"{path}: {key} has no finite mean/std for selected band(s) {missing}; deselect them"
+        )
+    shape = (1, len(index)) + ((1, 1) if modality.level == "pixel" else ())
+    return _Stats(mean.reshape(shape), std.reshape(shape))
