@@ -190,10 +190,18 @@ class MMEarthDataset:
             modality = get_modality(name)
             if modality.encoding != "zscore":
                 continue
-            keys = [f"{name}_{level}" for level in S2_TYPES] if name == "sentinel2" else [modality.stats_key]
+            if name == "sentinel2":
+                keys = [f"sentinel2_{level}" for level in self._s2_levels_present()]
+            else:
+                keys = [modality.stats_key]
             for key in keys:
                 stats[key] = _select_stats(self.files.band_stats, band_stats, key, modality, bands)
         return stats
+
+    def _s2_levels_present(self) -> list[str]:
+        """Processing levels that occur in tile_info: only their Sentinel-2 statistics must exist."""
+        found = {str(info.get("S2_type", "")).lower() for info in self.tile_info.values()}
+        return [level for level in S2_TYPES if level in found]
 
     # -- file handle --------------------------------------------------------------------------------
 
@@ -283,9 +291,9 @@ class MMEarthDataset:
             values[raw == modality.no_data] = np.nan
         if modality.name == "sentinel2":
             assert l2a is not None
-            l1c_stats, l2a_stats = self._stats["sentinel2_l1c"], self._stats["sentinel2_l2a"]
-            shape = (-1,) + (1,) * (raw.ndim - 1)
-            pick = l2a.reshape(shape)
+            l1c_stats = self._stats.get("sentinel2_l1c") or self._stats["sentinel2_l2a"]
+            l2a_stats = self._stats.get("sentinel2_l2a") or l1c_stats
+            pick = l2a.reshape((-1,) + (1,) * (raw.ndim - 1))
             mean = np.where(pick, l2a_stats.mean, l1c_stats.mean)
             std = np.where(pick, l2a_stats.std, l1c_stats.std)
         else:

@@ -264,3 +264,18 @@ def test_truncated_or_non_hdf5_file(tg64: Path, tmp_path: Path, damage: str) -> 
         h5.write_text("not hdf5")
     with pytest.raises(MMEarthFormatError, match=r"data_1M_v001_64\.h5: cannot be read as HDF5"):
         MMEarthDataset(folder)
+
+
+def test_only_present_processing_levels_need_sentinel2_stats(tg64: Path, tmp_path: Path) -> None:
+    folder = copy_folder(tg64, tmp_path / "f")
+    edit_json(folder, "band_stats", lambda stats: stats.pop("sentinel2_l1c"))
+    with pytest.raises(MMEarthFormatError, match="missing band statistics 'sentinel2_l1c'"):
+        MMEarthDataset(folder, modalities="S2")
+
+    def all_l2a(info: dict) -> None:
+        for entry in info.values():
+            entry["S2_type"] = "l2a"
+
+    edit_json(folder, "tile_info", all_l2a)
+    expected = MMEarthDataset(tg64, modalities="S2")[0]["sentinel2"]  # tile 0 is L2A
+    np.testing.assert_array_equal(MMEarthDataset(folder, modalities="S2")[0]["sentinel2"], expected)

@@ -1,0 +1,170 @@
+"""Typed configuration: dataclasses loaded from YAML with ``key=value`` overrides, validated up front.
+
+Every error names the key's full path (``optim.blr``) and what was expected, and is raised before any Ray
+worker starts, so a typo never costs a cluster start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or combination is invalid; the message starts with the key's path."""
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping, checking every key and type."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{path}{key}: unknown key; valid keys here: {names}")
+    values = {name: _coerce(data[name], hints[name], f"{path}{name}") for name in names if name in data}
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, f"{path}.")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], path)
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{path}: {value!r} matches none of the allowed types ({'; '.join(errors)})")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return origin(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_type, value_type = args or (Any, Any)
+        return {_coerce(k, key_type, path): _coerce(v, value_type, f"{path}.{k}") for k, v in value.items()}
+    return _coerce_scalar(value, tp, path)
+
+
+def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{path}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{override!r}: overrides look like section.key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load ``cls`` from an optional YAML file plus overrides, then run its ``validate()`` if any."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read the config ({err})") from None
+    config = from_dict(cls, apply_overrides(data, overrides))
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict of a config, ready for YAML or JSON."""
+    return dataclasses.asdict(config)
+
+
+# -- pretraining --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where pretraining data come from and how samples are cut."""
+
+    path: str = "runs/demo/data"
+    format: Literal["mmearth", "parquet", "ffcv"] = "mmearth"
+    split: str = "train"
+    crop_size: int = 56
+    loader_workers: int = 1
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The MP-MAE: encoder variant, patching, pretext tasks, decoder and loss aggregation (spec 2, 3)."""
+
+    arch: str = "atto"
+    patch_size: int = 8
+    targets: str | list[str] | dict[str, list[str]] = "all_mod"
+    decoder: Literal["shared", "per_task"] = "shared"
+    decoder_dim: int = 512
+    decoder_depth: int = 1
+    mask_ratio: float = 0.6
+    norm_pix_loss: bool = True
+    loss: Literal["uncertainty", "unweighted", "weighted"] = "uncertainty"
+    task_weights: dict[str, float] | None = None
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """The recipe of spec 4: AdamW, lr = blr x effective batch / 256, warmup then cosine."""
+
+    batch_size: int = 256
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    epochs: int = 200
+    warmup_epochs: int = 40
+    clip_grad: float | None = None
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.accum_steps
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.effective_batch / 256
