@@ -1,0 +1,349 @@
+"""Loaders that deliver the canonical batch dict, and the aligned random crop.
+
+Every loader yields ``{modality: torch.Tensor (N, ...), "id": list[str]}``: the same keys, dtypes
+(float32 continuous with NaN for no data, int64 labels with -1 ignore) and shapes as
+:meth:`MMEarthDataset.read_batch`, as tensors. So the trainer does not care where a batch came from.
+
+- :func:`ray_dataset`: a Ray Data pipeline over an MMEarth folder (:class:`MMEarthDatasource`: read tasks
+  over contiguous runs of split positions, each read block by block through the batched h5 API) or over
+  Parquet shards (Ray's own Parquet reader). Iterate it with :func:`iter_ray_batches`, or pass
+  :class:`RayBatchCollate` to ``iter_torch_batches`` (Ray cannot turn the string ``id`` column into a
+  tensor by itself).
+- :func:`ffcv_loader`: FFCV over ``.beton`` shards, one FFCV ``Loader`` per shard.
+- :func:`aligned_random_crop`: one offset per sample, shared by all its pixel-level modalities (spec 3.2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+import torch
+from ray.data.block import BlockMetadata
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.datasource import Datasource, ReadTask
+
+from mpmae.data.mmearth import MMEarthDataset
+from mpmae.data.shards import (
+    BLOCK_ROWS,
+    ShardError,
+    arrow_schema,
+    batch_to_table,
+    ffcv_field_modality,
+    find_shards,
+    read_shard_metadata,
+)
+from mpmae.modalities import MODALITIES, Selection, resolve_selection
+
+ModalitySpec = str | Sequence[str] | Mapping[str, Sequence[str] | None]
+TensorBatch = dict[str, Any]
+
+
+# -- the canonical batch ----------------------------------------------------------------------------
+
+
+def _ids(value: Any) -> list[str]:
+    """Tile ids from a list, a numpy string/object array or FFCV's zero-padded uint8 rows."""
+    if isinstance(value, torch.Tensor):
+        value = value.numpy()
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return [bytes(row).rstrip(b"\0").decode() for row in value]
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    """A tensor that owns writable memory (Arrow and FFCV buffers are read-only or reused)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    array = np.asarray(value)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def to_batch(batch: Mapping[str, Any]) -> TensorBatch:
+    """Whatever a loader yields (Ray numpy or torch batches, FFCV fields) as the canonical batch dict:
+    ``{modality: torch.Tensor (N, ...), "id": list[str]}``, ``id`` last and only if present."""
+    out: TensorBatch = {key: _tensor(value) for key, value in batch.items() if key != "id"}
+    if "id" in batch:
+        out["id"] = _ids(batch["id"])
+    return out
+
+
+class RayBatchCollate(NumpyBatchCollateFn):
+    """``collate_fn`` for ``iter_torch_batches`` that yields the canonical batch dict."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> TensorBatch:
+        return to_batch(batch)
+
+
+# -- Ray Data from an MMEarth folder ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(root: str, split: str, selection: tuple[tuple[str, tuple[str, ...]], ...]) -> MMEarthDataset:
+    """One dataset per worker process: read tasks stay small to ship and the JSON files load once."""
+    return MMEarthDataset(root, split=split, modalities=dict(selection))
+
+
+def _read_blocks(root: str, split: str, selection: tuple[tuple[str, tuple[str, ...]], ...],
+                 blocks: list[tuple[int, int]], schema: pa.Schema) -> Iterator[pa.Table]:
+    dataset = _cached_dataset(root, split, selection)
+    for start, stop in blocks:
+        yield batch_to_table(dataset.read_batch(np.arange(start, stop)), schema)
+
+
+def _row_bytes(schema: pa.Schema) -> int:
+    """In-memory bytes of one row's tensor columns."""
+    return sum(
+        math.prod(f.type.shape) * f.type.value_type.byte_width
+        for f in schema if isinstance(f.type, pa.FixedShapeTensorType)
+    )
+
+
+class MMEarthDatasource(Datasource):
+    """An MMEarth split as a Ray Data source: each read task covers runs of ``block_rows`` consecutive
+    split positions and yields one Arrow block per run, read with one batched h5 call per modality.
+
+    With ``shuffle``, the runs are dealt to tasks in a random order (seeded by ``seed``); rows inside a
+    run stay consecutive, so mix further with ``local_shuffle_buffer_size`` when iterating.
+    """
+
+    def __init__(self, root: Path | str, split: str = "train", modalities: ModalitySpec = "all_mod",
+                 block_rows: int = BLOCK_ROWS, shuffle: bool = False, seed: int | None = None,
+                 include_id: bool = True) -> None:
+        super().__init__()
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        dataset = MMEarthDataset(root, split=split, modalities=modalities)
+        self.root = str(Path(root).resolve())
+        self.split = split
+        self.selection = tuple(dataset.selection.items())
+        self.num_rows = len(dataset)
+        schema = arrow_schema(dataset.selection, dataset.image_size, {})
+        self.schema = schema if include_id else schema.remove(schema.get_field_index("id"))
+        self.row_bytes = _row_bytes(self.schema)
+        self.block_rows = block_rows
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.num_rows * self.row_bytes
+
+    def _runs(self) -> list[tuple[int, int]]:
+        runs = [(s, min(s + self.block_rows, self.num_rows)) for s in range(0, self.num_rows, self.block_rows)]
+        if self.shuffle:
+            order = np.random.default_rng(self.seed).permutation(len(runs))
+            runs = [runs[i] for i in order]
+        return runs
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        runs = self._runs()
+        num_tasks = max(1, min(parallelism, len(runs)))
+        tasks = []
+        for group in np.array_split(np.arange(len(runs)), num_tasks):
+            blocks = [runs[i] for i in group]
+            num_rows = sum(stop - start for start, stop in blocks)
+            metadata = BlockMetadata(num_rows=num_rows, size_bytes=num_rows * self.row_bytes,
+                                     input_files=None, exec_stats=None)
+            read = functools.partial(_read_blocks, self.root, self.split, self.selection, blocks, self.schema)
+            tasks.append(ReadTask(read, metadata, schema=self.schema, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+# -- Ray Data entry point ---------------------------------------------------------------------------
+
+
+def _is_mmearth_folder(source: Any) -> bool:
+    return isinstance(source, (str, Path)) and any(Path(source).glob("data_*.h5"))
+
+
+def _parquet_columns(paths: Sequence[Path], modalities: ModalitySpec | None) -> list[str]:
+    """The columns to read: all stored modalities, or the requested ones if stored with those bands."""
+    stored: Selection = {m: tuple(b) for m, b in read_shard_metadata(paths[0])["selection"].items()}
+    if modalities is None:
+        return list(stored)
+    wanted = resolve_selection(modalities)
+    for name, bands in wanted.items():
+        if stored.get(name) != bands:
+            raise ShardError(
+                f"{paths[0].parent}: modality {name!r} with bands {list(bands)} is not in the shards "
+                f"(they hold {stored}); write shards with this selection"
+            )
+    return list(wanted)
+
+
+def ray_dataset(
+    source: Path | str | Sequence[Path | str],
+    split: str = "train",
+    modalities: ModalitySpec | None = None,
+    *,
+    shuffle: bool = False,
+    seed: int | None = None,
+    include_id: bool = True,
+    block_rows: int = BLOCK_ROWS,
+    override_num_blocks: int | None = None,
+) -> ray.data.Dataset:
+    """A Ray Dataset of preprocessed tiles from an MMEarth folder or from Parquet shards.
+
+    ``source`` is an MMEarth folder (read through :class:`MMEarthDatasource`), a folder of Parquet shards
+    (those of ``split``, checked complete) or a list of shard paths. ``modalities`` defaults to
+    ``all_mod`` for a folder and to every stored column for shards. ``shuffle`` randomises the order
+    of row runs (folder) or files (shards); rows are not shuffled individually. Blocks hold about
+    ``block_rows`` rows.
+    """
+    if _is_mmearth_folder(source):
+        datasource = MMEarthDatasource(source, split, modalities or "all_mod", block_rows=block_rows,
+                                       shuffle=shuffle, seed=seed, include_id=include_id)
+        data = ray.data.read_datasource(datasource, override_num_blocks=override_num_blocks)
+        row_bytes = datasource.row_bytes
+    else:
+        paths = find_shards(source, split, "parquet")
+        columns = _parquet_columns(paths, modalities) + (["id"] if include_id else [])
+        file_shuffle = ray.data.FileShuffleConfig(seed=seed) if shuffle and seed is not None else (
+            "files" if shuffle else None)
+        data = ray.data.read_parquet([str(p) for p in paths], shuffle=file_shuffle,
+                                     override_num_blocks=override_num_blocks)
+        data = data.select_columns(columns)  # pushed down into the Parquet read
+        row_bytes = _row_bytes(pq.read_schema(paths[0]))
+    # Ray's default 128 MiB blocks are ~250 tiles of 64 px: a few of them fill a small object store and
+    # spill. Blocks of ``block_rows`` keep the pipeline streaming (this dataset's context only).
+    data.context.target_max_block_size = max(1, block_rows * row_bytes)
+    return data
+
+
+def iter_ray_batches(
+    data: ray.data.Dataset | ray.data.DataIterator,
+    batch_size: int,
+    *,
+    drop_last: bool = False,
+    local_shuffle_buffer_size: int | None = None,
+    local_shuffle_seed: int | None = None,
+    prefetch_batches: int = 1,
+) -> Iterable[TensorBatch]:
+    """Canonical batches from a Ray Dataset or a Ray Train dataset shard."""
+    return data.iter_torch_batches(
+        batch_size=batch_size,
+        collate_fn=RayBatchCollate(),
+        drop_last=drop_last,
+        local_shuffle_buffer_size=local_shuffle_buffer_size,
+        local_shuffle_seed=local_shuffle_seed,
+        prefetch_batches=prefetch_batches,
+    )
+
+
+# -- FFCV -------------------------------------------------------------------------------------------
+
+
+class FFCVBatches:
+    """Canonical batches from FFCV ``.beton`` shards, shard after shard (in a new random order every
+    epoch with ``shuffle``; items shuffled within a shard too). A batch never spans two shards."""
+
+    def __init__(self, paths: Sequence[Path], batch_size: int, *, num_workers: int, shuffle: bool,
+                 seed: int, drop_last: bool, os_cache: bool, modalities: Sequence[str] | None) -> None:
+        from ffcv.fields.decoders import NDArrayDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.reader import Reader
+        from ffcv.transforms import ToTensor
+
+        self.paths = list(paths)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        keep = None if modalities is None else {*modalities, "id"}
+        self.loaders: list[Any] = []
+        self.names: list[list[str]] = []
+        for index, path in enumerate(self.paths):
+            fields = {f: ffcv_field_modality(f) for f in Reader(str(path)).handlers}
+            if keep is not None and not keep <= set(fields.values()):
+                raise ShardError(f"{path}: holds {sorted(fields.values())}, not all of {sorted(keep)}")
+            pipelines = {
+                f: [NDArrayDecoder(), ToTensor()] if keep is None or name in keep else None
+                for f, name in fields.items()
+            }
+            self.names.append([fields[f] for f, p in pipelines.items() if p is not None])
+            self.loaders.append(Loader(
+                str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed + index,
+                drop_last=drop_last, pipelines=pipelines,
+            ))
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders)
+
+    def __iter__(self) -> Iterator[TensorBatch]:
+        order = np.arange(len(self.loaders))
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(order)
+        self.epoch += 1
+        for index in order:
+            for fields in self.loaders[index]:
+                yield to_batch(dict(zip(self.names[index], fields, strict=True)))
+
+
+def ffcv_loader(
+    paths: Path | str | Sequence[Path | str],
+    batch_size: int,
+    *,
+    split: str = "train",
+    num_workers: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    os_cache: bool = False,
+    modalities: Sequence[str] | None = None,
+) -> FFCVBatches:
+    """An FFCV loader over ``.beton`` shards (a folder: those of ``split``, checked complete; or a list).
+
+    ``os_cache=False`` makes FFCV read through its own bounded page cache instead of mapping whole
+    files, so resident memory does not grow with the dataset. ``modalities`` picks a subset of fields.
+    """
+    return FFCVBatches(find_shards(paths, split, "ffcv"), batch_size, num_workers=num_workers,
+                       shuffle=shuffle, seed=seed, drop_last=drop_last, os_cache=os_cache,
+                       modalities=modalities)
+
+
+# -- aligned random crop ----------------------------------------------------------------------------
+
+
+def _crop_rows_cols(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Per sample, rows ``rows[n]`` then columns ``cols[n]`` of ``x`` (N, C, H, W): exact slicing."""
+    n, c, _, w = x.shape
+    size = rows.shape[1]
+    x = x.gather(2, rows[:, None, :, None].expand(n, c, size, w))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, size, size))
+
+
+def aligned_random_crop(batch: Mapping[str, Any], size: int,
+                        generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Crop every pixel-level modality to ``size`` x ``size`` at one random offset per sample, the same
+    for all modalities of that sample (spec 3.2: 64->56, 128->112). Image-level modalities, ``id`` and
+    keys outside the registry pass through untouched. Offsets are drawn on the CPU from ``generator``."""
+    pixel = [k for k in batch if k in MODALITIES and MODALITIES[k].level == "pixel"]
+    if not pixel:
+        return dict(batch)
+    shapes = {(batch[k].shape[0], *batch[k].shape[2:]) for k in pixel}
+    if len(shapes) != 1 or any(batch[k].dim() != 4 for k in pixel):
+        raise ValueError(
+            f"pixel modalities must be (N, C, H, W) tensors of one N, H, W; got "
+            f"{ {k: tuple(batch[k].shape) for k in pixel} }"
+        )
+    n, height, width = next(iter(shapes))
+    if not 0 < size <= min(height, width):
+        raise ValueError(f"crop size {size} does not fit images of {height}x{width}")
+    top = torch.randint(0, height - size + 1, (n,), generator=generator)
+    left = torch.randint(0, width - size + 1, (n,), generator=generator)
+    offsets = torch.arange(size)
+    out = dict(batch)
+    for key in pixel:
+        x = batch[key]
+        rows = (top[:, None] + offsets).to(x.device)
+        cols = (left[:, None] + offsets).to(x.device)
+        out[key] = _crop_rows_cols(x, rows, cols)
+    return out

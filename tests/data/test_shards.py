@@ -1,0 +1,184 @@
+"""Parquet and FFCV shard writers: round trip, metadata, refusal to overwrite, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mpmae.data import MMEarthDataset
+from mpmae.data.shards import (
+    ShardError,
+    ffcv_field_modality,
+    find_shards,
+    read_shard_metadata,
+    table_to_batch,
+    write_shards,
+)
+from mpmae.data.synth import write_synthetic_mmearth
+from mpmae.modalities import MODALITIES, PRESETS
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 synthetic tiles (32 in train): real no-data patterns (S1 -inf, S2 zeros, label no-data)."""
+    return write_synthetic_mmearth(tmp_path_factory.mktemp("synth") / "folder", 40, size=64, seed=3)
+
+
+def assert_batches_equal(got: dict, expected: dict) -> None:
+    """Exact equality, NaN where NaN, same dtypes, same keys and ids."""
+    assert list(got) == list(expected)
+    assert got["id"] == expected["id"]
+    for name, value in expected.items():
+        if name != "id":
+            assert got[name].dtype == value.dtype, name
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def read_parquet_shards(paths: list[Path]) -> dict:
+    return table_to_batch(pa.concat_tables(pq.read_table(p) for p in paths))
+
+
+@pytest.mark.parametrize("source", ["tg64", "synth"])
+def test_parquet_round_trip_equals_dataset(source: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    folder = request.getfixturevalue(source)
+    paths = write_shards(folder, tmp_path, "parquet", tiles_per_shard=4, progress=False)
+    dataset = MMEarthDataset(folder)
+    count = -(-len(dataset) // 4)
+    assert [p.name for p in paths] == [f"train-{i:05d}-of-{count:05d}.parquet" for i in range(count)]
+    assert find_shards(tmp_path) == paths
+    assert_batches_equal(read_parquet_shards(paths), dataset.read_batch(np.arange(len(dataset))))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no .tmp left
+
+
+def test_parquet_schema_and_metadata(tg64: Path, tmp_path: Path) -> None:
+    (path,) = write_shards(tg64, tmp_path, "parquet", tiles_per_shard=10, progress=False)
+    schema = pq.read_schema(path)
+    s2 = schema.field("sentinel2")
+    assert isinstance(s2.type, pa.FixedShapeTensorType)
+    assert s2.type.shape == [12, 64, 64] and s2.type.value_type == pa.float32()
+    # any Arrow reader sees a fixed-size list of the flattened values
+    assert s2.type.storage_type == pa.list_(pa.float32(), 12 * 64 * 64)
+    assert schema.field("dynamic_world").type.value_type == pa.int64()
+    assert schema.field("id").type == pa.string()
+    assert json.loads(s2.metadata[b"bands"]) == list(PRESETS["all_mod"]["sentinel2"])
+    meta = read_shard_metadata(path)
+    assert meta["selection"] == {k: list(v) for k, v in PRESETS["all_mod"].items()}
+    assert meta["image_size"] == 64 and meta["split"] == "train"
+    assert meta["registry"]["sentinel1"]["no_data"] == "-inf"
+    assert meta["registry"]["esa_worldcover"]["num_classes"] == 11
+    assert meta["band_stats"] == json.loads((tg64 / "data_1M_v001_64_band_stats.json").read_text())
+
+
+def test_parquet_band_selection(synth: Path, tmp_path: Path) -> None:
+    selection = {"sentinel2": ["B4", "B2"], "biome": None, "esa_worldcover": None}
+    paths = write_shards(synth, tmp_path, "parquet", tiles_per_shard=100, modalities=selection, progress=False)
+    dataset = MMEarthDataset(synth, modalities=selection)
+    batch = read_parquet_shards(paths)
+    assert batch["sentinel2"].shape == (len(dataset), 2, 64, 64)
+    assert_batches_equal(batch, dataset.read_batch(np.arange(len(dataset))))
+    assert read_shard_metadata(paths[0])["selection"]["sentinel2"] == ["B2", "B4"]
+
+
+def test_ffcv_shards_layout(tg64: Path, tmp_path: Path) -> None:
+    from ffcv.reader import Reader
+
+    paths = write_shards(tg64, tmp_path, "ffcv", tiles_per_shard=6, progress=False)
+    assert [p.name for p in paths] == ["train-00000-of-00002.beton", "train-00001-of-00002.beton"]
+    assert [Reader(str(p)).num_samples for p in paths] == [6, 4]
+    handlers = Reader(str(paths[0])).handlers
+    names = [ffcv_field_modality(f) for f in handlers]
+    assert names == [*PRESETS["all_mod"], "id"]
+    assert handlers["sentinel2"].shape == (12, 64, 64) and handlers["sentinel2"].dtype == np.float32
+    assert handlers["canopy_height_et"].dtype == np.float32  # stored under FFCV's 16-byte name
+    assert handlers["esa_worldcover"].dtype == np.int64 and handlers["id"].dtype == np.uint8
+    sidecar = json.loads((tmp_path / "train-ffcv.json").read_text())
+    assert sidecar["shards"] == [p.name for p in paths] and "band_stats" in sidecar
+
+
+def test_ffcv_field_names_map_back() -> None:
+    for name in (*MODALITIES, "id"):
+        assert ffcv_field_modality(name[:16]) == name
+    with pytest.raises(ShardError):
+        ffcv_field_modality("nope")
+
+
+@pytest.mark.parametrize("format", ["parquet", "ffcv"])
+def test_refuses_existing_shards_unless_overwrite(format: str, tg64: Path, tmp_path: Path) -> None:
+    ext = "parquet" if format == "parquet" else "beton"
+    old = write_shards(tg64, tmp_path, format, tiles_per_shard=4, progress=False)
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("keep me")
+    other_split = tmp_path / f"val-00000-of-00001.{ext}"
+    other_split.write_bytes(b"not touched")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_shards(tg64, tmp_path, format, tiles_per_shard=5, progress=False)
+    assert sorted(tmp_path.glob(f"train-*.{ext}")) == old
+    new = write_shards(tg64, tmp_path, format, tiles_per_shard=5, overwrite=True, progress=False)
+    assert sorted(tmp_path.glob(f"train-*.{ext}")) == new == [
+        tmp_path / f"train-0000{i}-of-00002.{ext}" for i in range(2)
+    ]
+    assert unrelated.read_text() == "keep me" and other_split.read_bytes() == b"not touched"
+
+
+@pytest.mark.parametrize("format", ["parquet", "ffcv"])
+def test_failed_shard_leaves_no_partial_file(format: str, tg64: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shard 0 completes, reading shard 1 fails: shard 0 is visible, shard 1 neither final nor .tmp."""
+    calls = {"n": 0}
+    read_batch = MMEarthDataset.read_batch
+
+    def failing(self: MMEarthDataset, indices: np.ndarray) -> dict:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError("disk on fire")
+        return read_batch(self, indices)
+
+    monkeypatch.setattr(MMEarthDataset, "read_batch", failing)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_shards(tg64, tmp_path, format, tiles_per_shard=5, progress=False)
+    ext = "parquet" if format == "parquet" else "beton"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"train-00000-of-00002.{ext}"]
+    with pytest.raises(ShardError, match="incomplete"):
+        find_shards(tmp_path, format=format)
+
+
+def test_parquet_write_interrupted_mid_file(tg64: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after some row groups were written removes the partial .tmp file."""
+    write_table = pq.ParquetWriter.write_table
+    calls = {"n": 0}
+
+    def failing(self: pq.ParquetWriter, table: pa.Table, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        write_table(self, table, *args, **kwargs)
+
+    monkeypatch.setattr("mpmae.data.shards.BLOCK_ROWS", 4)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(tg64, tmp_path, "parquet", tiles_per_shard=10, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_find_shards_errors(tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match="no parquet shards"):
+        find_shards(tmp_path)
+    for name in ("train-00000-of-00003.parquet", "train-00001-of-00003.parquet", "train-00000-of-00002.parquet"):
+        (tmp_path / name).touch()
+    with pytest.raises(ShardError, match="incomplete or mixed"):
+        find_shards(tmp_path)
+    assert find_shards([tmp_path / "a.parquet"]) == [tmp_path / "a.parquet"]
+
+
+def test_write_shards_argument_errors(tg64: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="format"):
+        write_shards(tg64, tmp_path, "tfrecord", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tiles_per_shard"):
+        write_shards(tg64, tmp_path, tiles_per_shard=0, progress=False)
+    with pytest.raises(ValueError, match="no tiles"):
+        write_shards(tg64, tmp_path, split="val", progress=False)
