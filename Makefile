@@ -23,9 +23,13 @@ deb-packages:
 	@dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEB_PACKAGES); }
 
+# Generated data, 2-worker CPU pretraining on a local Ray instance, reconstructions and loss curves.
 demo: $(VENV)/.installed
-	$(VENV)/bin/mpmae synth $(DEMO_DIR)/data --tiles 1000 --size 64 --seed 0 --overwrite
-	$(VENV)/bin/mpmae inspect $(DEMO_DIR)/data
+	$(VENV)/bin/mpmae synth runs/demo-data --tiles 1000 --size 64 --seed 0 --overwrite
+	$(VENV)/bin/mpmae inspect runs/demo-data
+	$(VENV)/bin/mpmae pretrain --config configs/demo.yaml
+	$(VENV)/bin/mpmae visualize $(DEMO_DIR) runs/demo-data --out $(DEMO_DIR)/viz
+	@echo "demo outputs: checkpoints in $(DEMO_DIR)/epoch-*, pictures and loss curves in $(DEMO_DIR)/viz"
 
 test: $(VENV)/.installed-dev lint
 	$(PY) -m pytest

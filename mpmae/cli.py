@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,32 @@ def _shard(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} {args.format} shard(s) to {args.out}")
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from mpmae.config import PretrainConfig, load_config
+    from mpmae.train.trainer import pretrain
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = load_config(PretrainConfig, args.config, args.overrides)
+    result = pretrain(config)
+    print(f"run finished: {result.path}")
+    if result.checkpoint is not None:
+        print(f"latest checkpoint: {result.checkpoint.path}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mpmae.train.checkpoint import export_encoder
+
+    out = export_encoder(args.checkpoint, args.out)
+    print(f"wrote the encoder and its model card to {out}")
+
+
+def _visualize(args: argparse.Namespace) -> None:
+    from mpmae.viz import visualize
+
+    for path in visualize(args.checkpoint, args.data, args.out, tiles=args.tiles):
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `mpmae` subcommand."""
     parser = argparse.ArgumentParser(prog="mpmae", description=__doc__)
@@ -66,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--modalities", default="all_mod", help="preset or comma-free modality name")
     shard.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
     shard.set_defaults(run=_shard)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain on Ray (RAY_ADDRESS, or a local instance)")
+    pretrain.add_argument("--config", type=Path, help="a YAML file from configs/ (defaults apply without)")
+    pretrain.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.epochs=10")
+    pretrain.set_defaults(run=_pretrain)
+
+    export = commands.add_parser("export", help="write a checkpoint's encoder and its model card")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("out", type=Path)
+    export.set_defaults(run=_export)
+
+    visualize = commands.add_parser("visualize", help="reconstruction PNGs and loss curves of a checkpoint")
+    visualize.add_argument("checkpoint", type=Path)
+    visualize.add_argument("data", type=Path, help="an MMEarth folder to draw tiles from")
+    visualize.add_argument("--out", type=Path, required=True)
+    visualize.add_argument("--tiles", type=int, default=4)
+    visualize.set_defaults(run=_visualize)
     return parser
 
 

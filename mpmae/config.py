@@ -168,3 +168,81 @@ class OptimConfig:
     @property
     def lr(self) -> float:
         return self.blr * self.effective_batch / 256
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Where and how a run executes: Ray resources, storage, checkpoints, failures, logging."""
+
+    name: str | None = None
+    storage_path: str = "runs"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    bf16: bool = True
+    seed: int = 0
+    keep_checkpoints: int = 3
+    max_failures: int = 2
+    max_nonfinite_steps: int = 10
+    log_every_steps: int = 20
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """A whole pretraining run (``configs/*.yaml``)."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks that need no data; :func:`mpmae.train.trainer.check_data` does the rest."""
+        from mpmae.modalities import get_modality, resolve_selection, tasks_of
+        from mpmae.models.convnextv2 import VARIANTS
+
+        model, optim, run, data = self.model, self.optim, self.run, self.data
+        if model.arch not in VARIANTS:
+            raise ConfigError(f"model.arch: {model.arch!r} is not one of {sorted(VARIANTS)}")
+        if model.patch_size not in (8, 16, 32):
+            raise ConfigError(f"model.patch_size: {model.patch_size} is not one of [8, 16, 32]")
+        if data.crop_size % model.patch_size:
+            raise ConfigError(
+                f"data.crop_size: {data.crop_size} is not divisible by model.patch_size {model.patch_size}"
+            )
+        if not 0.0 < model.mask_ratio < 1.0:
+            raise ConfigError(f"model.mask_ratio: {model.mask_ratio} must lie strictly between 0 and 1")
+        try:
+            selection = resolve_selection(model.targets)
+        except ValueError as err:
+            raise ConfigError(f"model.targets: {err}") from None
+        if "sentinel2" not in selection:
+            raise ConfigError("model.targets: must include sentinel2, the encoder input")
+        _check_task_weights(model, tasks_of(selection))
+        for name in selection:
+            get_modality(name)
+        if optim.batch_size % run.num_workers:
+            raise ConfigError(
+                f"optim.batch_size: {optim.batch_size} is not divisible by run.num_workers {run.num_workers}"
+            )
+        for key in ("batch_size", "accum_steps", "epochs"):
+            if getattr(optim, key) < 1:
+                raise ConfigError(f"optim.{key}: must be at least 1")
+        if not 0 <= optim.warmup_epochs <= optim.epochs:
+            raise ConfigError(f"optim.warmup_epochs: {optim.warmup_epochs} must lie in [0, optim.epochs]")
+        if run.num_workers < 1 or run.cpus_per_worker <= 0:
+            raise ConfigError("run.num_workers and run.cpus_per_worker must be positive")
+
+
+def _check_task_weights(model: ModelConfig, tasks: list[str]) -> None:
+    if model.loss != "weighted":
+        if model.task_weights is not None:
+            raise ConfigError(f"model.task_weights: only used with model.loss 'weighted', not {model.loss!r}")
+        return
+    weights = model.task_weights or {}
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ConfigError(f"model.task_weights: {unknown} are not pretext tasks of model.targets {tasks}")
+    negative = sorted(t for t, w in weights.items() if w < 0)
+    if negative:
+        raise ConfigError(f"model.task_weights: weights of {negative} are negative")

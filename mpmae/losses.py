@@ -83,8 +83,15 @@ def image_regression_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def image_classification_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy against the class of a one-hot (N, K) target (class = argmax)."""
-    return F.cross_entropy(pred.float(), target.argmax(dim=-1))
+    """Mean cross-entropy against the class of a one-hot (N, K) target (class = argmax).
+
+    Rows with no class (all zero) or a non-finite entry are no-data: ignored, and 0 when none is left.
+    """
+    t = target.float()
+    valid = torch.isfinite(t).all(dim=-1) & (torch.nan_to_num(t, nan=0.0).amax(dim=-1) > 0)
+    labels = torch.where(valid, torch.nan_to_num(t, nan=0.0).argmax(dim=-1), -1)
+    ce = F.cross_entropy(pred.float(), labels, ignore_index=-1, reduction="none")
+    return _ratio(ce.sum(), valid.sum())
 
 
 def task_loss(

@@ -106,6 +106,20 @@ def test_image_losses():
     torch.testing.assert_close(image_classification_loss(pred, one_hot), expected)
 
 
+def test_image_classification_ignores_rows_without_a_class():
+    pred = torch.randn(4, 3, requires_grad=True)
+    target = torch.tensor([[0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0]])
+    expected = F.cross_entropy(pred[[0, 2]], torch.tensor([2, 0]))
+    torch.testing.assert_close(image_classification_loss(pred, target), expected)
+    as_float = target.float()
+    as_float[2, 1] = float("nan")
+    torch.testing.assert_close(image_classification_loss(pred, as_float), F.cross_entropy(pred[:1], torch.tensor([2])))
+    empty = image_classification_loss(pred, torch.zeros(4, 3, dtype=torch.long))
+    assert empty.item() == 0.0
+    empty.backward()
+    assert torch.isfinite(pred.grad).all()
+
+
 def test_task_loss_dispatches_on_the_registry():
     mask = torch.ones(1, 1)
     seg_target = torch.zeros(1, 1, 8, 8, dtype=torch.long)

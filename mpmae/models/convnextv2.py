@@ -39,6 +39,10 @@ VARIANTS: dict[str, ConvNeXtSpec] = {
 }
 
 
+#: The stems: MMEarth's 3x3 conv + depthwise patch stem (default) and ConvNeXt V2's single patch conv.
+STEMS = ("modified", "original")
+
+
 def get_spec(arch: str | ConvNeXtSpec) -> ConvNeXtSpec:
     """A variant by name (``VARIANTS``) or an explicit spec, validated."""
     if isinstance(arch, ConvNeXtSpec):
@@ -157,12 +161,18 @@ class Block(nn.Module):
 
 
 class ConvNeXtV2(nn.Module):
-    """ConvNeXt V2 with MMEarth's modified stem: 3x3 conv + GELU, then a depthwise stride-``stem_k`` conv.
+    """ConvNeXt V2 with MMEarth's stem; ``stem_k = patch_size / 8``, so the last stage's grid is the patch grid.
 
-    ``stem_k = patch_size / 8``, so the last stage's grid is the patch grid. ``forward_stages`` returns the
-    four stage maps (masked when a patch mask is given), ``forward_features`` the pooled, normed feature,
-    ``forward`` the head's logits (``num_classes=0``: the feature itself). ``features_only=True`` leaves
-    out the final norm and head (the masked pretraining encoder).
+    ``stem="modified"`` (default, all MMEarth experiments): ``initial_conv`` = 3x3 conv -> LayerNorm -> GELU,
+    then ``stem`` = depthwise conv with kernel = stride = ``stem_k`` -> LayerNorm. ``stem="original"``
+    (ConvNeXt V2's, the reference's ``--use_orig_stem``): ``stem_orig`` = one conv ``in_chans -> dims[0]``
+    with kernel = stride = ``stem_k`` -> LayerNorm, unpadded under either architecture (as in the
+    reference). Module names are the reference's, so its checkpoints map key for key.
+
+    ``forward_stages`` returns the four stage maps (masked when a patch mask is given), ``forward_features``
+    the pooled, normed feature, ``forward`` the head's logits (``num_classes=0``: the feature itself).
+    ``features_only=True`` leaves out the final norm and head (the masked pretraining encoder, or a U-Net
+    backbone): ``forward`` then returns the four stage maps, as a timm ``features_only`` model does.
     """
 
     def __init__(
@@ -174,6 +184,7 @@ class ConvNeXtV2(nn.Module):
         drop_path_rate: float = 0.0,
         architecture: str = "default",
         features_only: bool = False,
+        stem: str = "modified",
     ) -> None:
         super().__init__()
         spec = get_spec(arch)
@@ -183,21 +194,29 @@ class ConvNeXtV2(nn.Module):
         stem_k = patch_size // 2 ** (len(spec.dims) - 1)
         if stem_k < 1 or stem_k * 2 ** (len(spec.dims) - 1) != patch_size:
             raise ValueError(f"patch_size must be a multiple of 8, got {patch_size}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        self.stem_type = stem
         d0, conv = spec.dims[0], self.conventions
-        self.initial_conv = nn.Sequential(
-            nn.Conv2d(in_chans, d0, kernel_size=3, padding=conv.initial_conv_padding),
-            LayerNorm2d(d0, eps=1e-6),
-            nn.GELU(),
-        )
-        self.stem = nn.Sequential(
-            nn.Conv2d(d0, d0, stem_k, stride=stem_k, padding=stem_k // 2 if conv.pad_stem else 0, groups=d0),
-            LayerNorm2d(d0, eps=1e-6),
-        )
+        if stem == "original":
+            self.stem_orig = nn.Sequential(
+                nn.Conv2d(in_chans, d0, kernel_size=stem_k, stride=stem_k), LayerNorm2d(d0, eps=1e-6)
+            )
+        else:
+            self.initial_conv = nn.Sequential(
+                nn.Conv2d(in_chans, d0, kernel_size=3, padding=conv.initial_conv_padding),
+                LayerNorm2d(d0, eps=1e-6),
+                nn.GELU(),
+            )
+            pad = stem_k // 2 if conv.pad_stem else 0
+            self.stem = nn.Sequential(
+                nn.Conv2d(d0, d0, stem_k, stride=stem_k, padding=pad, groups=d0), LayerNorm2d(d0, eps=1e-6)
+            )
         self.downsample_layers = nn.ModuleList(
             nn.Sequential(LayerNorm2d(a, eps=1e-6), nn.Conv2d(a, b, kernel_size=2, stride=2))
             for a, b in zip(spec.dims[:-1], spec.dims[1:], strict=True)
         )
-        rates = torch.linspace(0, drop_path_rate, sum(spec.depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(spec.depths), device="cpu").tolist()  # meta-safe
         starts = [sum(spec.depths[:i]) for i in range(len(spec.depths))]
         self.stages = nn.ModuleList(
             nn.Sequential(*(Block(dim, rates[start + j], conv.grn_eps) for j in range(depth)))
@@ -229,7 +248,10 @@ class ConvNeXtV2(nn.Module):
             t = layer(t)
             return t if vis is None else t * vis.map(t.shape[-2:], t.dtype)
 
-        x = run(self.stem, run(self.initial_conv, x))
+        if self.stem_type == "original":
+            x = run(self.stem_orig, x)
+        else:
+            x = run(self.stem, run(self.initial_conv, x))
         maps = []
         for i, stage in enumerate(self.stages):
             if i > 0:
@@ -245,7 +267,10 @@ class ConvNeXtV2(nn.Module):
             raise RuntimeError("this encoder was built with features_only=True: use forward_stages")
         return self.norm(self.forward_stages(x)[-1].mean(dim=(-2, -1)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        """The head's output, or with ``features_only`` the four unmasked stage maps (U-Net skips)."""
+        if self.features_only:
+            return self.forward_stages(x)
         return self.head(self.forward_features(x))
 
 

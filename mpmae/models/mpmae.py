@@ -43,6 +43,7 @@ class MPMAEConfig:
     mask_ratio: float = 0.6
     architecture: Literal["default", "reference"] = "default"
     drop_path_rate: float = 0.0
+    stem: Literal["modified", "original"] = "modified"
 
 
 @dataclass
@@ -90,6 +91,7 @@ class MPMAE(nn.Module):
         self.encoder = ConvNeXtV2(
             len(self.selection[INPUT_MODALITY]), config.arch, p,
             drop_path_rate=config.drop_path_rate, architecture=config.architecture, features_only=True,
+            stem=config.stem,
         )
         grn_eps = self.encoder.conventions.grn_eps
         self.proj = nn.Conv2d(self.encoder.dims[-1], dim, kernel_size=1)
@@ -144,8 +146,8 @@ class MPMAE(nn.Module):
         latent = self.encoder.forward_stages(x, mask.view(n, *grid), visible)[-1]
         if latent.shape[-2:] != grid:
             raise ValueError(
-                f"encoder grid {tuple(latent.shape[-2:])} != patch grid {grid}: the reference architecture "
-                f"only keeps the patch grid for patch_size 16 and up (spec section 2.3)"
+                f"encoder grid {tuple(latent.shape[-2:])} != patch grid {grid}: the reference architecture's "
+                f"modified stem only keeps the patch grid for patch_size 16 and up (spec section 2.3)"
             )
         preds = self.decode(latent, mask)
         task_losses = {

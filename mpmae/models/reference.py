@@ -1,10 +1,11 @@
 """The reference code's conventions and the mapping of its checkpoints onto this package's layout.
 
 `architecture="reference"` reproduces the dense path of vishalned/MMEarth-train (spec sections 2.3-2.5),
-so that its checkpoints give its features: an unpadded 3x3 initial conv, a stem padded by ``stem_k // 2``,
-GRN with eps 1e-4 and statistics over every position, and masking applied to the input pixels only. The
-default architecture is the sparse-equivalent one: "same" padding, an unpadded patch-aligned stem, GRN
-eps 1e-6 over visible positions, and re-masking after every spatial op.
+so that its checkpoints give its features: an unpadded 3x3 initial conv, a (modified) stem padded by
+``stem_k // 2`` (its original stem is unpadded, as ours), GRN with eps 1e-4 and statistics over every
+position, and masking applied to the input pixels only. The default architecture is the
+sparse-equivalent one: "same" padding, an unpadded patch-aligned stem, GRN eps 1e-6 over visible
+positions, and re-masking after every spatial op.
 
 Checkpoints come in three layouts, all mapped by `convert_reference_state_dict`:
 dense FCMAE (``encoder.*`` as ``nn.Conv2d``/``nn.Linear``), sparse FCMAE (``encoder.*`` as
@@ -48,7 +49,7 @@ def get_conventions(architecture: str) -> Conventions:
 
 
 #: First key components of the bare encoder (the fine-tuning classifier's checkpoint has no prefix).
-_ENCODER_ROOTS = ("initial_conv", "stem", "downsample_layers", "stages", "norm", "head")
+_ENCODER_ROOTS = ("initial_conv", "stem", "stem_orig", "downsample_layers", "stages", "norm", "head")
 #: Wrapper components of MinkowskiLayerNorm / MinkowskiLinear that the dense modules do not have.
 _MINKOWSKI_WRAPPERS = ("ln", "linear")
 

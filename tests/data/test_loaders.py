@@ -161,7 +161,7 @@ def test_datasource_read_tasks_cover_the_split_in_blocks(synth: Path) -> None:
 @pytest.mark.ray
 @pytest.mark.timeout(RAY_TIMEOUT)
 @pytest.mark.parametrize("source", ["folder", "parquet"])
-def test_ray_dataset_equals_mmearth_dataset(source: str, ray_cluster: str, synth: Path, parquet_dir: Path,
+def test_ray_dataset_equals_mmearth_dataset(source: str, ray_cluster: object, synth: Path, parquet_dir: Path,
                                             expected: dict) -> None:
     data = ray_dataset(synth if source == "folder" else parquet_dir, block_rows=8)
     batches = list(iter_ray_batches(data, batch_size=10))
@@ -173,7 +173,7 @@ def test_ray_dataset_equals_mmearth_dataset(source: str, ray_cluster: str, synth
 
 @pytest.mark.ray
 @pytest.mark.timeout(RAY_TIMEOUT)
-def test_ray_dataset_options(ray_cluster: str, synth: Path, parquet_dir: Path, expected: dict) -> None:
+def test_ray_dataset_options(ray_cluster: object, synth: Path, parquet_dir: Path, expected: dict) -> None:
     subset = ["sentinel2", "biome"]
     for source in (synth, parquet_dir):
         data = ray_dataset(source, modalities=subset, include_id=False, shuffle=True, seed=0)

@@ -216,3 +216,89 @@ def test_drawn_masks_take_the_gathered_path_with_the_same_result():
     torch.testing.assert_close(drawn.loss, given.loss)
     for task in TASK_ORDER:
         torch.testing.assert_close(drawn.preds[task], given.preds[task], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stem", ["modified", "original"])
+@pytest.mark.parametrize("patch", [8, 16, 32])
+def test_every_patch_size_and_stem_predicts_on_the_patch_grid(patch, stem):
+    model = tiny(patch_size=patch, stem=stem).eval()
+    with torch.no_grad():
+        out = model(make_batch(2, 2 * patch))
+    for task in TASK_ORDER:
+        m = MODALITIES[task]
+        k = m.output_channels(PRESETS["all_mod"][task])
+        assert out.preds[task].shape == ((2, 4, patch * patch * k) if m.level == "pixel" else (2, k)), task
+    assert torch.isfinite(out.loss) and (out.mask.sum(dim=1) == 4 - 1).all()
+
+
+def _nontrivial(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-zero biases, GRN and mask token, so that anything leaking through a masked site would show."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def _run_recording_stages(model, batch, mask, seed):
+    """The model's output and the four encoder stage maps it computed (hooks on each stage's last block)."""
+    maps = []
+    hooks = [stage[-1].register_forward_hook(lambda _m, _i, out: maps.append(out))
+             for stage in model.encoder.stages]
+    torch.manual_seed(seed)  # the drawn mask
+    with torch.no_grad():
+        out = model(batch, mask=mask)
+    for hook in hooks:
+        hook.remove()
+    return out, maps
+
+
+@pytest.mark.parametrize("stem", ["modified", "original"])
+@pytest.mark.parametrize("path", ["given", "drawn"])
+def test_masked_pixels_change_no_prediction_and_no_visible_encoder_output(path, stem):
+    """The issue's mask-invariance test, through the whole model.
+
+    Sentinel-2 pixels inside masked patches are replaced by large noise (and NaN): every prediction,
+    pixel- and image-level, and every encoder stage map at visible sites stay the same; the Sentinel-2
+    loss may change (masked pixels are its target). Both the dense masked path (a given mask of unequal
+    counts per sample) and the gathered path (a mask drawn with a fixed seed) are covered. Changing one
+    visible pixel must change the encoder's visible output and every prediction, so the test can fail.
+    """
+    model = _nontrivial(tiny(patch_size=16, stem=stem))
+    batch = make_batch(2, 64, seed=1)
+    grid, p = 4, 16
+    if path == "given":
+        mask = (torch.rand(2, grid * grid, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    else:
+        mask = None
+    base, base_maps = _run_recording_stages(model, batch, mask, seed=3)
+    drawn = base.mask
+    pixels = drawn.view(2, 1, grid, grid).repeat_interleave(p, 2).repeat_interleave(p, 3).bool()
+
+    changed = dict(batch)
+    noise = 100 * torch.randn_like(batch["sentinel2"])
+    noise[:, 3, ::7, ::5] = float("nan")
+    changed["sentinel2"] = torch.where(pixels, noise, batch["sentinel2"])
+    same, same_maps = _run_recording_stages(model, changed, mask, seed=3)
+    assert torch.equal(same.mask, drawn)
+    for task in TASK_ORDER:
+        torch.testing.assert_close(same.preds[task], base.preds[task], rtol=0, atol=0, msg=task)
+    for a, b in zip(same_maps, base_maps, strict=True):
+        visible = (1 - drawn).view(2, 1, grid, grid)
+        visible = visible.repeat_interleave(a.shape[-1] // grid, 2).repeat_interleave(a.shape[-1] // grid, 3)
+        torch.testing.assert_close(a * visible, b * visible, rtol=0, atol=0)
+        assert (a * visible).abs().sum() > 0
+
+    # one visible pixel (in every sample) changes the visible encoder output and every prediction
+    row, col = divmod(int((drawn[0] == 0).nonzero()[0]), grid)
+    poked = dict(batch)
+    poked["sentinel2"] = batch["sentinel2"].clone()
+    poked["sentinel2"][:, :, row * p + 5, col * p + 7] += 3.0
+    row1, col1 = divmod(int((drawn[1] == 0).nonzero()[0]), grid)
+    poked["sentinel2"][1, :, row1 * p + 2, col1 * p + 9] -= 3.0
+    moved, moved_maps = _run_recording_stages(model, poked, mask, seed=3)
+    assert torch.equal(moved.mask, drawn)
+    assert not torch.equal(moved_maps[-1], base_maps[-1])
+    for task in TASK_ORDER:
+        for i in range(2):
+            assert not torch.equal(moved.preds[task][i], base.preds[task][i]), (task, i)

@@ -141,7 +141,7 @@ def _to_minkowski(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
     parts = key.split(".")
     module, name = ".".join(parts[:-1]), parts[-1]
     depthwise = module.endswith(("dwconv", "stem.0"))
-    is_conv = module.endswith(("dwconv", "stem.0", "initial_conv.0")) or (
+    is_conv = module.endswith(("dwconv", "stem.0", "initial_conv.0", "stem_orig.0")) or (
         "downsample_layers" in module and parts[-2] == "1"
     )
     if is_conv and name == "weight":
@@ -152,7 +152,7 @@ def _to_minkowski(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
         return key, value.reshape(1, -1)
     if name in ("gamma", "beta"):
         return key, value.reshape(1, -1)
-    is_ln = parts[-2] in ("norm",) or module.endswith(("initial_conv.1", "stem.1")) or (
+    is_ln = parts[-2] in ("norm",) or module.endswith(("initial_conv.1", "stem.1", "stem_orig.1")) or (
         "downsample_layers" in module and parts[-2] == "0"
     )
     if is_ln:
@@ -189,6 +189,34 @@ def test_sparse_checkpoint_maps_onto_the_dense_encoder():
         load_reference_state_dict(classifier, sparse)
     load_reference_state_dict(classifier, sparse, ignore=("norm.", "head."))
     torch.testing.assert_close(classifier.stem[0].weight, ours["encoder.stem.0.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_original_stem_checkpoints_map_onto_stem_orig(layout):
+    """The reference's ``--use_orig_stem`` encoder (``stem_orig.*``), dense or MinkowskiEngine keys."""
+    spec = ConvNeXtSpec((1, 1, 1, 1), (8, 16, 24, 32))
+    source = build_mpmae(arch=spec, patch_size=32, decoder_dim=16, stem="original")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = source.state_dict()
+    assert "encoder.stem_orig.0.weight" in ours and not any(".initial_conv." in k for k in ours)
+    state = {}
+    for key, value in ours.items():
+        if key.startswith("encoder.") and layout == "sparse":
+            k, v = _to_minkowski(key.removeprefix("encoder."), value)
+            state["encoder." + k] = v
+        elif key.startswith("encoder."):
+            state[key] = value
+    if layout == "sparse":
+        assert state["encoder.stem_orig.0.kernel"].shape == (16, 12, 8)
+        assert "encoder.stem_orig.1.ln.weight" in state
+    target = build_mpmae(arch=spec, patch_size=32, decoder_dim=16, stem="original")
+    load_reference_state_dict(target.encoder, state)
+    for key, value in target.encoder.state_dict().items():
+        torch.testing.assert_close(value, ours["encoder." + key], rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="missing .*initial_conv"):
+        load_reference_state_dict(build_mpmae(arch=spec, patch_size=32, decoder_dim=16).encoder, state)
 
 
 def test_converter_is_strict(golden):

@@ -1,0 +1,95 @@
+"""Ray's overhead on training: the same model and step in a plain loop vs a one-worker TorchTrainer.
+
+Both sides run atto at 56 px / patch 8 with all 12 tasks, batch 16, 2 torch threads, on the same
+synthetic folder, and time their second epoch (the first pays start-up and warm-up). The plain loop reads
+with ``MMEarthDataset.read_batch``; the TorchTrainer reads through Ray Data, as a real run does.
+
+    .venv/bin/python bench/train_throughput.py [--tiles 400] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpmae.config import PretrainConfig, load_config
+from mpmae.data.loaders import aligned_random_crop, to_batch
+from mpmae.data.mmearth import MMEarthDataset
+from mpmae.data.synth import write_synthetic_mmearth
+from mpmae.train.recipe import build_optimizer
+from mpmae.train.step import StepGuard, forward_backward
+from mpmae.train.worker import build_model
+
+BATCH = 16
+THREADS = 2
+
+
+def _config(data: Path, storage: Path, epochs: int) -> PretrainConfig:
+    return load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
+        f"data.path={data}", f"run.storage_path={storage}", "run.name=bench", f"optim.batch_size={BATCH}",
+        f"optim.epochs={epochs}", "run.num_workers=1", f"run.cpus_per_worker={THREADS}",
+    ])
+
+
+def plain_loop(config: PretrainConfig) -> float:
+    """Samples/s of the last epoch of an in-process loop over read_batch."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    dataset = MMEarthDataset(config.data.path, "train", config.model.targets)
+    model = build_model(config)
+    optimizer = build_optimizer(model, config.optim)
+    guard = StepGuard(config.run.max_nonfinite_steps)
+    generator = torch.Generator().manual_seed(0)
+    rate = 0.0
+    for _ in range(config.optim.epochs):
+        order = np.random.permutation(len(dataset))
+        start = time.perf_counter()
+        steps = len(order) // BATCH
+        for step in range(steps):
+            batch = to_batch(dataset.read_batch(order[step * BATCH:(step + 1) * BATCH]))
+            batch = aligned_random_crop({k: v for k, v in batch.items() if k != "id"}, 56, generator)
+            output = forward_backward(model, batch, 1, torch.device("cpu"), bf16=False)
+            guard.step(model, optimizer, None, output)
+        rate = steps * BATCH / (time.perf_counter() - start)
+    return rate
+
+
+def torch_trainer(config: PretrainConfig) -> float:
+    """Samples/s of the last epoch as the single TorchTrainer worker reports it."""
+    import ray
+
+    from mpmae.train.trainer import pretrain
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=True, object_store_memory=400 * 1024**2, log_to_driver=False)
+    try:
+        return float(pretrain(config).metrics["samples_per_s"])
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiles", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_synthetic_mmearth(Path(tmp) / "data", tiles=args.tiles, seed=0)
+        config = _config(data, Path(tmp) / "runs", args.epochs)
+        plain = plain_loop(config)
+        ray_rate = torch_trainer(config)
+    print(f"atto 56/8 all tasks, batch {BATCH}, {THREADS} threads, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"plain in-process loop : {plain:7.2f} samples/s")
+    print(f"TorchTrainer, 1 worker: {ray_rate:7.2f} samples/s")
+    print(f"Ray overhead          : {100 * (1 - ray_rate / plain):6.1f} %")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Fine-tuning: classifier model, one-epoch train and evaluate steps, and a local ``fit`` driver.
+
+`Finetuner` holds what a run needs between epochs (model, AdamW with layer-decay groups, epoch and
+step counters) and exposes it as ``state_dict()`` for checkpoints. With ``freeze_epochs > 0`` the
+encoder is frozen and kept in ``eval()`` mode for those first epochs (the U-Net's phase 1: decoder and
+head only); then it is unfrozen and its layer-decay groups, with weight decay, join the optimizer
+(phase 2; the reference adds it with weight decay 0 and no layer decay, spec 7 item 22).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mpmae.finetune.encoder import stage_depths
+from mpmae.finetune.losses import make_loss
+from mpmae.finetune.metrics import Mean, TaskKind, make_metric
+from mpmae.finetune.optim import WarmupCosine, apply_lr, param_groups
+from mpmae.finetune.probe import new_head
+from mpmae.models.convnextv2 import ConvNeXtV2
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+class Classifier(nn.Module):
+    """Encoder, global average pool, LayerNorm, linear head (spec 2.3's classifier on a features-only encoder)."""
+
+    def __init__(self, encoder: ConvNeXtV2, num_classes: int) -> None:
+        super().__init__()
+        if not encoder.features_only:
+            raise ValueError("expected a features_only encoder")
+        self.encoder = encoder
+        self.norm = nn.LayerNorm(encoder.dims[-1], eps=1e-6)
+        self.head = new_head(encoder.dims[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.encoder.forward_stages(x)[-1].mean(dim=(-2, -1))))
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run; defaults follow spec 5.3/5.4 (lr is absolute: blr x batch / 256)."""
+
+    kind: TaskKind
+    num_classes: int
+    epochs: int = 100
+    lr: float = 8e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 0
+    weight_decay: float = 0.3
+    layer_decay: float = 0.9
+    smoothing: float = 0.0
+    freeze_epochs: int = 0
+    ignore_index: int | None = None
+    select: Literal["last", "best_val"] = "last"
+
+
+class Finetuner:
+    """A model with an ``encoder`` attribute (`Classifier`, `mpmae.models.unet.UNet`) and its optimisation."""
+
+    def __init__(
+        self, model: nn.Module, config: FinetuneConfig, steps_per_epoch: int, device: str | torch.device = "cpu"
+    ) -> None:
+        if config.select not in ("last", "best_val"):
+            raise ValueError(f"select must be 'last' or 'best_val', got {config.select!r}")
+        self.model, self.config, self.device = model.to(device), config, torch.device(device)
+        self.depths = stage_depths(model.encoder)
+        self.encoder_frozen = config.freeze_epochs > 0
+        model.encoder.requires_grad_(not self.encoder_frozen)
+        self.optimizer = torch.optim.AdamW(self._groups(model.named_parameters()), lr=config.lr, eps=1e-8)
+        self.schedule = WarmupCosine(
+            config.lr, config.min_lr, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
+        )
+        self.train_loss = make_loss(config.kind, config.smoothing, config.ignore_index)
+        self.epoch = 0
+        self.step = 0
+
+    def _groups(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[dict]:
+        c = self.config
+        return param_groups(named_parameters, self.depths, weight_decay=c.weight_decay, layer_decay=c.layer_decay)
+
+    def unfreeze_encoder(self) -> None:
+        """Phase 2: the encoder trains too, its layer-decay groups added to the optimizer."""
+        self.model.encoder.requires_grad_(True)
+        encoder_params = self.model.encoder.named_parameters(prefix="encoder")
+        for group in self._groups(encoder_params):
+            self.optimizer.add_param_group(group)
+        self.encoder_frozen = False
+
+    def train_epoch(self, batches: Batches) -> dict[str, float]:
+        """One epoch of per-iteration lr steps; returns mean loss, running metric and the last lr."""
+        if self.encoder_frozen and self.epoch >= self.config.freeze_epochs:
+            self.unfreeze_encoder()
+        self.model.train()
+        if self.encoder_frozen:
+            self.model.encoder.eval()
+        loss_mean, metric = Mean(), make_metric(self.config.kind, self.config.num_classes, self.config.ignore_index)
+        for x, y in batches:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            apply_lr(self.optimizer, self.schedule(self.step))
+            logits = self.model(x)
+            loss = self.train_loss(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            loss_mean.update(loss, len(x))
+            metric.update(logits, y)
+        self.epoch += 1
+        loss_mean.sync()
+        metric.sync()
+        mean = loss_mean.compute()
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"non-finite training loss {mean} in epoch {self.epoch - 1}")
+        return {"loss": mean, "metric": metric.compute(), "lr": self.schedule(self.step - 1)}
+
+    def evaluate(self, batches: Batches) -> dict[str, float]:
+        c = self.config
+        return evaluate(self.model, batches, kind=c.kind, num_classes=c.num_classes,
+                        ignore_index=c.ignore_index, device=self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                "step": self.step, "encoder_frozen": self.encoder_frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume; a state saved in phase 2 unfreezes first, so that the optimizer groups match."""
+        if self.encoder_frozen and not state["encoder_frozen"]:
+            self.unfreeze_encoder()
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    kind: TaskKind,
+    num_classes: int,
+    ignore_index: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Loss (no smoothing, spec 5.1) and metric over a whole split, summed over data-parallel ranks."""
+    model.eval()
+    loss_fn = make_loss(kind, 0.0, ignore_index)
+    loss_mean, metric = Mean(), make_metric(kind, num_classes, ignore_index)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_mean.update(loss_fn(logits, y), len(x))
+        metric.update(logits, y)
+    loss_mean.sync()
+    metric.sync()
+    return {"loss": loss_mean.compute(), "metric": metric.compute()}
+
+
+@dataclass
+class FitResult:
+    """Per-epoch metrics and the epoch whose weights the model holds after `fit`."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    selected_epoch: int = -1
+
+
+def fit(finetuner: Finetuner, train: Batches, val: Batches) -> FitResult:
+    """Train from ``finetuner.epoch`` to ``config.epochs``, evaluating on ``val`` after every epoch.
+
+    The model ends with the weights the config's ``select`` rule picks: those of the last epoch, or of
+    the first epoch with the best val metric. ``train``/``val`` must be re-iterable (e.g. DataLoaders).
+    """
+    result, best, best_state = FitResult(), float("-inf"), None
+    while finetuner.epoch < finetuner.config.epochs:
+        epoch = finetuner.epoch
+        row = {f"train_{k}": v for k, v in finetuner.train_epoch(train).items()}
+        row.update({f"val_{k}": v for k, v in finetuner.evaluate(val).items()}, epoch=epoch)
+        result.history.append(row)
+        if finetuner.config.select == "last":
+            result.selected_epoch = epoch
+        elif row["val_metric"] > best:
+            best, result.selected_epoch = row["val_metric"], epoch
+            best_state = copy.deepcopy(finetuner.model.state_dict())
+    if best_state is not None:
+        finetuner.model.load_state_dict(best_state)
+    return result

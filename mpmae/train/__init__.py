@@ -1,0 +1,1 @@
+"""Pretraining: optimiser recipe, the step function, checkpoints and the Ray Train assembly."""

@@ -1,0 +1,159 @@
+"""Assemble and run a pretraining job on Ray Train (V2): data checks, run name, TorchTrainer.
+
+Everything that can be checked without workers is checked here, in the driver, before any worker
+starts: the config, that the data hold every pretext target, that one batch fits each worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from mpmae.config import ConfigError, PretrainConfig, to_dict
+from mpmae.data.loaders import ray_dataset
+from mpmae.data.mmearth import MMEarthDataset
+from mpmae.data.shards import find_shards, read_shard_metadata
+from mpmae.modalities import PRESETS, resolve_selection
+from mpmae.train.worker import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+#: Names of the released MMEarth data folders in the original checkpoint naming convention.
+_DATA_NAMES = {"data_1M_v001_64": "1M_64", "data_1M_v001": "1M_128", "data_100k_v001": "100k_128"}
+
+
+@dataclass
+class DataSource:
+    """What the driver learns about the training data before starting workers."""
+
+    rows: int
+    image_size: int
+    selection: dict[str, tuple[str, ...]]
+    band_stats: dict[str, Any]
+    name: str
+
+
+def default_run_name(config: PretrainConfig, data_name: str) -> str:
+    """The original project's folder convention: ``pt-<INPUT>_<MODEL>_<DATA>_<LOSS>_<IMG>-<PATCH>``."""
+    targets = config.model.targets
+    preset = targets if isinstance(targets, str) and targets in PRESETS else "custom"
+    return (f"pt-{preset}_{config.model.arch}_{data_name}_{config.model.loss}_"
+            f"{config.data.crop_size}-{config.model.patch_size}")
+
+
+def describe_data(config: PretrainConfig) -> DataSource:
+    """Open the training data just enough to validate it against the config."""
+    data = config.data
+    path = Path(data.path)
+    if data.format == "mmearth":
+        try:
+            dataset = MMEarthDataset(path, data.split, config.model.targets)
+        except ValueError as err:
+            raise ConfigError(f"data.path: {err}") from None
+        band_stats = json.loads(dataset.files.band_stats.read_text())
+        stem = dataset.files.h5.stem
+        source = DataSource(len(dataset), dataset.image_size or 0, dataset.selection, band_stats,
+                            _DATA_NAMES.get(stem, f"{stem.removeprefix('data_')}"))
+    else:
+        source = _describe_shards(config)
+    _check_source(config, source)
+    return source
+
+
+def _describe_shards(config: PretrainConfig) -> DataSource:
+    data = config.data
+    try:
+        paths = find_shards(data.path, data.split, data.format)
+    except ValueError as err:
+        raise ConfigError(f"data.path: {err}") from None
+    if data.format == "parquet":
+        meta = read_shard_metadata(paths[0])
+        rows = sum(pq.read_metadata(p).num_rows for p in paths)
+    else:
+        meta = json.loads((Path(data.path) / f"{data.split}-ffcv.json").read_text())
+        rows = int(meta["rows"])
+    selection = {k: tuple(v) for k, v in meta["selection"].items()}
+    return DataSource(rows, int(meta["image_size"] or 0), selection, meta["band_stats"], Path(data.path).name)
+
+
+def _check_source(config: PretrainConfig, source: DataSource) -> None:
+    wanted = resolve_selection(config.model.targets)
+    for name, bands in wanted.items():
+        if source.selection.get(name) != bands:
+            raise ConfigError(
+                f"model.targets: the data at {config.data.path} hold {name!r} with bands "
+                f"{source.selection.get(name, 'none')}, the config needs {list(bands)}"
+            )
+    if config.data.crop_size > source.image_size:
+        raise ConfigError(f"data.crop_size: {config.data.crop_size} exceeds the data's tiles of {source.image_size} px")
+    per_worker = config.optim.batch_size // config.run.num_workers
+    if source.rows // config.run.num_workers < per_worker:
+        raise ConfigError(
+            f"optim.batch_size: {source.rows} tiles in split {config.data.split!r} give each of "
+            f"{config.run.num_workers} workers less than one batch of {per_worker}"
+        )
+
+
+def norm_stats(source: DataSource) -> dict[str, Any]:
+    """The Sentinel-2 statistics of the input bands, per processing level, for the model card."""
+    from mpmae.modalities import SENTINEL2_BANDS
+
+    bands = source.selection["sentinel2"]
+    index = [SENTINEL2_BANDS.index(b) for b in bands]
+    out: dict[str, Any] = {"bands": list(bands)}
+    for key in ("sentinel2_l1c", "sentinel2_l2a"):
+        if key in source.band_stats:
+            out[key] = {f: [source.band_stats[key][f][i] for i in index] for f in ("mean", "std")}
+    return out
+
+
+def ensure_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start the embedded local instance."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=True)
+
+
+def build_trainer(config: PretrainConfig, source: DataSource) -> TorchTrainer:
+    """The TorchTrainer of a validated config."""
+    run = config.run
+    datasets = {}
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 logs one line per epoch
+    if config.data.format != "ffcv":
+        datasets["train"] = ray_dataset(config.data.path, config.data.split, config.model.targets,
+                                        shuffle=True, seed=run.seed, include_id=False)
+    name = run.name or default_run_name(config, source.name)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "rows": source.rows, "norm_stats": norm_stats(source)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(Path(run.storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+        ),
+        datasets=datasets,
+    )
+
+
+def pretrain(config: PretrainConfig) -> ray.train.Result:
+    """Validate, start (or join) Ray, and run the pretraining to completion."""
+    source = describe_data(config)
+    ensure_ray()
+    return build_trainer(config, source).fit()

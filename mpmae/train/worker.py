@@ -1,0 +1,160 @@
+"""The per-worker pretraining loop that Ray Train runs on every rank.
+
+Each epoch: draw batches (Ray Data shard or this rank's FFCV shards), crop all pixel modalities at one
+offset per sample, step the model with the recipe's per-iteration learning rate, then report metrics on
+every rank and a checkpoint from rank 0. Resuming picks up at the epoch after the latest checkpoint, with
+the global step count continuing.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from mpmae.config import PretrainConfig, from_dict
+from mpmae.data.loaders import aligned_random_crop, ffcv_loader, iter_ray_batches
+from mpmae.models.mpmae import MPMAE, MPMAEConfig
+from mpmae.train.checkpoint import TrainState, load_checkpoint, restore, save_checkpoint
+from mpmae.train.recipe import build_optimizer, learning_rate, set_learning_rate
+from mpmae.train.step import LossMeter, StepGuard, forward_backward, unwrap
+
+log = logging.getLogger(__name__)
+
+
+def build_model(config: PretrainConfig) -> MPMAE:
+    """The MP-MAE a pretraining config describes."""
+    model = config.model
+    return MPMAE(MPMAEConfig(
+        arch=model.arch, patch_size=model.patch_size, selection=model.targets, decoder=model.decoder,
+        decoder_dim=model.decoder_dim, decoder_depth=model.decoder_depth, loss_aggregation=model.loss,
+        task_weights=model.task_weights, norm_pix_loss=model.norm_pix_loss, mask_ratio=model.mask_ratio,
+    ))
+
+
+def _batches(config: PretrainConfig, rank: int, world: int, epoch: int, per_worker: int,
+             rows: int, device: torch.device) -> tuple[Iterator[dict], int]:
+    """This rank's batches for one epoch and how many to take, equal on every rank (DDP needs that).
+
+    Ray Data's streaming split hands each rank the same number of rows; FFCV shards are divided by
+    rank, so the count is the smallest over ranks.
+    """
+    seed = config.run.seed + 1000 * epoch + rank
+    if config.data.format == "ffcv":
+        from mpmae.data.shards import find_shards
+
+        paths = find_shards(config.data.path, config.data.split, "ffcv")[rank::world]
+        loader = ffcv_loader(paths, per_worker, shuffle=True, seed=seed, drop_last=True,
+                             num_workers=config.data.loader_workers)
+        return iter(loader), _all_reduce_min(len(loader), device)
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter_ray_batches(shard, per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+                               local_shuffle_seed=seed)
+    return iter(batches), rows // world // per_worker
+
+
+def _all_reduce_min(value: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def _prepare(batch: Mapping[str, Any], crop: int, generator: torch.Generator, device: torch.device) -> dict:
+    tensors = {k: v for k, v in batch.items() if k != "id"}
+    cropped = aligned_random_crop(tensors, crop, generator=generator)
+    return {k: v.to(device, non_blocking=True) for k, v in cropped.items()}
+
+
+def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average metrics over ranks so that the report describes the whole step, not rank 0's part."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / dist.get_world_size()).tolist(), strict=True))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``loop_config`` holds the PretrainConfig dict, rows and norm stats."""
+    config = from_dict(PretrainConfig, loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.run.seed + rank)
+    device = ray.train.torch.get_device()
+    # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
+    model = ray.train.torch.prepare_model(build_model(config),
+                                          parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    core = unwrap(model)
+    optimizer = build_optimizer(core, config.optim)
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = restore(load_checkpoint(folder), core, optimizer)
+        log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
+
+    per_worker = config.optim.batch_size // world
+    guard = StepGuard(config.run.max_nonfinite_steps)
+    guard.skipped = state.skipped_steps
+    generator = torch.Generator().manual_seed(config.run.seed + rank)
+    accum = config.optim.accum_steps
+    for epoch in range(state.epoch, config.optim.epochs):
+        model.train()
+        meter, data_wait, samples, lr = LossMeter(), 0.0, 0, 0.0
+        start = time.perf_counter()
+        batches, iters_per_epoch = _batches(config, rank, world, epoch, per_worker, loop_config["rows"], device)
+        for it in range(iters_per_epoch):
+            tick = time.perf_counter()
+            raw = next(batches)
+            batch = _prepare(raw, config.data.crop_size, generator, device)
+            data_wait += time.perf_counter() - tick
+            if it % accum == 0:
+                lr = learning_rate(epoch + it / iters_per_epoch, config.optim)
+                set_learning_rate(optimizer, lr)
+            output = forward_backward(model, batch, accum, device, config.run.bf16)
+            meter.add(output)
+            samples += per_worker
+            if (it + 1) % accum == 0:
+                guard.step(model, optimizer, config.optim.clip_grad, output)
+                state.step += 1
+                if rank == 0 and state.step % config.run.log_every_steps == 0:
+                    log.info("epoch %d step %d lr %.3g", epoch, state.step, lr)
+        if config.data.format != "ffcv":
+            for _ in batches:  # finish the streaming split's epoch (drop_last leaves at most a partial batch)
+                pass
+        elapsed = time.perf_counter() - start
+        state.epoch, state.skipped_steps = epoch + 1, guard.skipped
+        metrics = _all_reduce_mean({
+            **meter.means(),
+            **{f"log_var/{t}": float(v) for t, v in core.log_vars.items()},
+            **{f"weight/{t}": float(torch.exp(-v)) for t, v in core.log_vars.items()},
+            "samples_per_s": samples / elapsed * world,
+            "data_wait_s": data_wait,
+        }, device)
+        metrics.update(epoch=epoch, step=state.step, lr=lr, skipped_steps=guard.skipped)
+        state.history.append(metrics)
+        if rank == 0:
+            log.info("epoch %d/%d step %d loss %.4f %.1f samples/s", epoch + 1, config.optim.epochs,
+                     state.step, metrics.get("loss", float("nan")), metrics["samples_per_s"])
+        _report(metrics, rank, core, optimizer, state, loop_config, lr)
+
+
+def _report(metrics: dict[str, Any], rank: int, model: MPMAE, optimizer: torch.optim.Optimizer,
+            state: TrainState, loop_config: dict[str, Any], lr: float) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint of the epoch just finished."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(Path(tmp), model, optimizer, state, loop_config["config"], loop_config["norm_stats"], lr)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{state.epoch:04d}")
