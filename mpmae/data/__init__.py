@@ -1,5 +1,6 @@
-"""MMEarth data: the folder reader, the synthetic generator, shards and loaders."""
+"""Data: MMEarth folders, the synthetic generator, shards and loaders, GEO-Bench tasks."""
 
+from mpmae.data.geobench import GeoBenchDataset, GeoBenchFormatError, get_task
 from mpmae.data.mmearth import MMEarthDataset, MMEarthFiles, MMEarthFormatError
 
-__all__ = ["MMEarthDataset", "MMEarthFiles", "MMEarthFormatError"]
+__all__ = ["GeoBenchDataset", "GeoBenchFormatError", "MMEarthDataset", "MMEarthFiles", "MMEarthFormatError", "get_task"]

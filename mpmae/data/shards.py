@@ -14,8 +14,8 @@ FFCV: one ``NDArrayField`` per modality (FFCV needs fixed shapes) plus ``id`` as
 FFCV stores field names in 16 bytes, so long modality names are truncated on disk and mapped back by
 prefix (:func:`ffcv_field_modality`). FFCV's writer works from an indexable object in a forked process,
 so each shard is first read into memory (memory bounded by one shard) and a failure surfaces in this
-process instead of hanging FFCV's writer. The selection and band statistics go to a sidecar
-``{split}-ffcv.json``, written last.
+process instead of hanging FFCV's writer. The selection, band statistics and row count go to a
+sidecar ``{split}-ffcv.json``, written last.
 
 Every shard is written under ``<name>.tmp`` and renamed when complete; a failed shard leaves no file.
 """
@@ -362,5 +362,6 @@ def write_shards(
     for stale in set(old) - set(written):
         stale.unlink()
     if format == "ffcv":
-        _write_json(out / f"{split}-ffcv.json", {**metadata, "shards": [p.name for p in written]})
+        _write_json(out / f"{split}-ffcv.json",
+                    {**metadata, "shards": [p.name for p in written], "rows": len(dataset)})
     return written

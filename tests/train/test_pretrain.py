@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mpmae.config import ConfigError, PretrainConfig, load_config
+from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.models.convnextv2 import ConvNeXtV2
 from mpmae.train.checkpoint import export_encoder, load_checkpoint
@@ -135,6 +136,18 @@ def test_ray_job_submit_to_a_head_on_loopback(ray_cluster: object, synth: Path, 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     assert load_checkpoint(_checkpoints(tmp_path, "job")[-1])["epoch"] == 1
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("fmt", ["parquet", "ffcv"])
+def test_trains_from_shards(ray_cluster: object, synth: Path, tmp_path: Path, fmt: str) -> None:
+    """Parquet shards feed Ray Data; FFCV shards are divided between the workers, each reading its own."""
+    write_shards(synth, tmp_path / "shards", format=fmt, tiles_per_shard=16, progress=False)
+    config = _config(tmp_path / "shards", tmp_path, fmt, f"data.format={fmt}", "optim.epochs=1")
+    assert describe_data(config).rows == 32
+    payload = load_checkpoint(pretrain(config).checkpoint.path)
+    assert payload["epoch"] == 1 and payload["step"] == STEPS_PER_EPOCH
+    assert payload["history"][0]["loss"] > 0
 
 
 def test_data_errors_are_raised_before_any_worker_starts(synth: Path, tmp_path: Path) -> None:
