@@ -66,6 +66,29 @@ def _visualize(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from mpmae.config import FinetuneRunConfig, load_config
+    from mpmae.finetune.run import finetune, format_table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    results = finetune(load_config(FinetuneRunConfig, args.config, args.overrides))
+    print(format_table([results], ["task", "mode", "encoder", "selected_epoch", "val_metric", "test_metric"]))
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from mpmae.finetune.run import format_table, probe_table, write_json
+
+    if args.out is not None and args.out.exists():
+        raise FileExistsError(f"{args.out} already exists; choose another --out")
+    encoders = [*args.checkpoint, *([None] if args.random else [])]
+    if not encoders:
+        raise ValueError("give at least one --checkpoint, or --random")
+    rows = probe_table(encoders, args.task, data=args.data, geobench_dir=args.geobench_dir, epochs=args.epochs)
+    print(format_table(rows, ["encoder", "task", "train_samples", "test_samples", "score"]))
+    if args.out is not None:
+        write_json(args.out, rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `mpmae` subcommand."""
     parser = argparse.ArgumentParser(prog="mpmae", description=__doc__)
@@ -110,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--out", type=Path, required=True)
     visualize.add_argument("--tiles", type=int, default=4)
     visualize.set_defaults(run=_visualize)
+
+    finetune = commands.add_parser("finetune", help="linear-probe or fine-tune on a GEO-Bench task on Ray")
+    finetune.add_argument("--config", type=Path, help="a YAML file (defaults apply without)")
+    finetune.add_argument("overrides", nargs="*", help="key=value, e.g. task=m-so2sat encoder=export/")
+    finetune.set_defaults(run=_finetune)
+
+    probe = commands.add_parser("probe", help="quick in-process linear probes of encoders, side by side")
+    probe.add_argument("--checkpoint", type=Path, action="append", default=[],
+                       help="an export folder, checkpoint or run folder (repeatable)")
+    probe.add_argument("--random", action="store_true", help="also probe a randomly initialised encoder")
+    probe.add_argument("--task", required=True, help="a GEO-Bench task, or land_cover (needs --data)")
+    probe.add_argument("--data", type=Path, help="MMEarth folder for the held-out land_cover task")
+    probe.add_argument("--geobench-dir", help="GEO-Bench root (default $GEO_BENCH_DIR)")
+    probe.add_argument("--epochs", type=int, default=100)
+    probe.add_argument("--out", type=Path, help="write the table as JSON here (never overwritten)")
+    probe.set_defaults(run=_probe)
     return parser
 
 

@@ -7,6 +7,7 @@ worker starts, so a typo never costs a cluster start-up.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 T = TypeVar("T")
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -74,6 +76,8 @@ def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads "1e-4" without a dot as a string
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and isinstance(value, tp):
@@ -137,6 +141,7 @@ class ModelConfig:
 
     arch: str = "atto"
     patch_size: int = 8
+    stem: Literal["modified", "original"] = "modified"
     targets: str | list[str] | dict[str, list[str]] = "all_mod"
     decoder: Literal["shared", "per_task"] = "shared"
     decoder_dim: int = 512
@@ -246,3 +251,55 @@ def _check_task_weights(model: ModelConfig, tasks: list[str]) -> None:
     negative = sorted(t for t, w in weights.items() if w < 0)
     if negative:
         raise ConfigError(f"model.task_weights: weights of {negative} are negative")
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FinetuneRunConfig:
+    """A GEO-Bench evaluation run (spec 5): linear probe or fine-tune, U-Net for segmentation tasks.
+
+    ``encoder`` is an `mpmae export` folder, a pretraining checkpoint or run folder, or null for a
+    randomly initialised ``arch`` / ``patch_size`` encoder. lr = blr x batch_size / 256.
+    """
+
+    task: str = "m-bigearthnet"
+    geobench_dir: str | None = None
+    partition: str = "default"
+    encoder: str | None = None
+    arch: str = "atto"
+    patch_size: int = 8
+    mode: Literal["finetune", "linear_probe"] = "finetune"
+    epochs: int = 100
+    batch_size: int = 64
+    blr: float = 2e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 0
+    weight_decay: float = 0.3
+    layer_decay: float = 0.9
+    drop_path: float = 0.1
+    smoothing: float = 0.2
+    freeze_epochs: int = 0
+    select: Literal["last", "best_val"] = "last"
+    run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(num_workers=1))
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.batch_size / 256
+
+    def validate(self) -> None:
+        from mpmae.data.geobench import get_task
+
+        try:
+            get_task(self.task)
+        except ValueError as err:
+            raise ConfigError(f"task: {err}") from None
+        if self.batch_size % self.run.num_workers:
+            raise ConfigError(
+                f"batch_size: {self.batch_size} is not divisible by run.num_workers {self.run.num_workers}"
+            )
+        if self.epochs < 1 or not 0 <= self.freeze_epochs <= self.epochs:
+            raise ConfigError("epochs: must be >= 1, and freeze_epochs must lie in [0, epochs]")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"smoothing: {self.smoothing} must lie in [0, 1)")

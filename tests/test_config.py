@@ -18,6 +18,12 @@ def test_yaml_and_overrides_build_typed_sections(tmp_path: Path) -> None:
     assert config.task_weights == {"sentinel2": 2.0} and isinstance(config.task_weights["sentinel2"], float)
 
 
+def test_exponent_floats_without_a_dot_are_floats() -> None:
+    assert load_config(OptimConfig, None, ["blr=2e-4", "min_lr=-1E+2"]).blr == 2e-4
+    with pytest.raises(ConfigError, match=r"^blr: expected float, got 'fast'"):
+        load_config(OptimConfig, None, ["blr=fast"])
+
+
 def test_recipe_learning_rate_scales_with_effective_batch() -> None:
     optim = from_dict(OptimConfig, {"batch_size": 256, "accum_steps": 16, "betas": [0.9, 0.95]})
     assert optim.effective_batch == 4096

@@ -62,3 +62,31 @@ def pooled_features(encoder: ConvNeXtV2, x: Tensor) -> Tensor:
     """
     pooled = encoder.forward_stages(x)[-1].mean(dim=(-2, -1))
     return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
+
+
+def encoder_from(
+    source: str | Path | None, drop_path_rate: float = 0.0, arch: str = "atto", patch_size: int = 8
+) -> tuple[ConvNeXtV2, dict[str, Any]]:
+    """An encoder and its model card from an export folder, a training checkpoint or run folder, or
+    (``source=None``) a randomly initialised ``arch`` encoder on the 12 default input bands."""
+    from mpmae.modalities import SENTINEL2_INPUT_BANDS
+    from mpmae.train.checkpoint import load_checkpoint, model_card
+
+    if source is None:
+        encoder = ConvNeXtV2(len(SENTINEL2_INPUT_BANDS), arch, patch_size, drop_path_rate=drop_path_rate,
+                             features_only=True)
+        card = {"architecture": {"arch": arch, "patch_size": patch_size, "stem": "modified"},
+                "bands": list(SENTINEL2_INPUT_BANDS), "patch_size": patch_size, "random_init": True}
+        return encoder, card
+    if (Path(source) / CARD_FILE).is_file():
+        encoder, card = load_encoder(source, drop_path_rate)
+        assert card is not None
+        return encoder, card
+    payload = load_checkpoint(source)
+    card = model_card(payload)
+    arch_card = card["architecture"]
+    encoder = ConvNeXtV2(len(card["bands"]), arch_card["arch"], arch_card["patch_size"], drop_path_rate=drop_path_rate,
+                         features_only=True, stem=arch_card["stem"])
+    prefix = "encoder."
+    encoder.load_state_dict({k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)})
+    return encoder, card

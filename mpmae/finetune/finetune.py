@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,7 +45,11 @@ class Classifier(nn.Module):
 
 @dataclass
 class FinetuneConfig:
-    """One fine-tuning run; defaults follow spec 5.3/5.4 (lr is absolute: blr x batch / 256)."""
+    """One fine-tuning run; defaults follow spec 5.3/5.4 (lr is absolute: blr x batch / 256).
+
+    The paper's classification runs use ``smoothing=0.2``, its U-Net runs 0 with ``freeze_epochs=50``
+    of 200; ``freeze_epochs >= epochs`` probes a segmentation encoder (decoder only).
+    """
 
     kind: TaskKind
     num_classes: int
@@ -62,10 +66,20 @@ class FinetuneConfig:
 
 
 class Finetuner:
-    """A model with an ``encoder`` attribute (`Classifier`, `mpmae.models.unet.UNet`) and its optimisation."""
+    """A model with an ``encoder`` attribute (`Classifier`, `mpmae.models.unet.UNet`) and its optimisation.
+
+    ``wrap`` (e.g. Ray Train's ``prepare_model``) turns the model into what runs the batches; it is
+    called again when the encoder unfreezes, because DDP fixes its set of trained parameters when built.
+    ``self.model`` stays the unwrapped model: parameter names and ``state_dict`` keys carry no prefix.
+    """
 
     def __init__(
-        self, model: nn.Module, config: FinetuneConfig, steps_per_epoch: int, device: str | torch.device = "cpu"
+        self,
+        model: nn.Module,
+        config: FinetuneConfig,
+        steps_per_epoch: int,
+        device: str | torch.device = "cpu",
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         if config.select not in ("last", "best_val"):
             raise ValueError(f"select must be 'last' or 'best_val', got {config.select!r}")
@@ -73,6 +87,8 @@ class Finetuner:
         self.depths = stage_depths(model.encoder)
         self.encoder_frozen = config.freeze_epochs > 0
         model.encoder.requires_grad_(not self.encoder_frozen)
+        self.wrap = wrap or (lambda module: module)
+        self.net = self.wrap(model)
         self.optimizer = torch.optim.AdamW(self._groups(model.named_parameters()), lr=config.lr, eps=1e-8)
         self.schedule = WarmupCosine(
             config.lr, config.min_lr, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
@@ -92,19 +108,20 @@ class Finetuner:
         for group in self._groups(encoder_params):
             self.optimizer.add_param_group(group)
         self.encoder_frozen = False
+        self.net = self.wrap(self.model)
 
     def train_epoch(self, batches: Batches) -> dict[str, float]:
         """One epoch of per-iteration lr steps; returns mean loss, running metric and the last lr."""
         if self.encoder_frozen and self.epoch >= self.config.freeze_epochs:
             self.unfreeze_encoder()
-        self.model.train()
+        self.net.train()
         if self.encoder_frozen:
             self.model.encoder.eval()
         loss_mean, metric = Mean(), make_metric(self.config.kind, self.config.num_classes, self.config.ignore_index)
         for x, y in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             apply_lr(self.optimizer, self.schedule(self.step))
-            logits = self.model(x)
+            logits = self.net(x)
             loss = self.train_loss(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,7 +139,7 @@ class Finetuner:
 
     def evaluate(self, batches: Batches) -> dict[str, float]:
         c = self.config
-        return evaluate(self.model, batches, kind=c.kind, num_classes=c.num_classes,
+        return evaluate(self.net, batches, kind=c.kind, num_classes=c.num_classes,
                         ignore_index=c.ignore_index, device=self.device)
 
     def state_dict(self) -> dict[str, Any]:

@@ -130,7 +130,10 @@ def model_card(payload: Mapping[str, Any]) -> dict[str, Any]:
     model, data = config["model"], config["data"]
     return {
         "format": "mpmae-encoder/1",
-        "architecture": {"arch": model["arch"], "patch_size": model["patch_size"], "stem": "modified"},
+        "architecture": {
+            "arch": model["arch"], "patch_size": model["patch_size"],
+            "stem": model.get("stem", "modified"), "conventions": "default",
+        },
         "input_size": data["crop_size"],
         "patch_size": model["patch_size"],
         "input_modality": "sentinel2",

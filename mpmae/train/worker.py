@@ -34,7 +34,7 @@ def build_model(config: PretrainConfig) -> MPMAE:
     """The MP-MAE a pretraining config describes."""
     model = config.model
     return MPMAE(MPMAEConfig(
-        arch=model.arch, patch_size=model.patch_size, selection=model.targets, decoder=model.decoder,
+        arch=model.arch, patch_size=model.patch_size, stem=model.stem, selection=model.targets, decoder=model.decoder,
         decoder_dim=model.decoder_dim, decoder_depth=model.decoder_depth, loss_aggregation=model.loss,
         task_weights=model.task_weights, norm_pix_loss=model.norm_pix_loss, mask_ratio=model.mask_ratio,
     ))

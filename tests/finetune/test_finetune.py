@@ -55,7 +55,7 @@ def test_state_dict_resumes_exactly() -> None:
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_evaluate_restores_nothing_and_uses_unsmoothed_loss(encoder: ConvNeXtV2) -> None:
+def test_evaluate_over_batches_is_unsmoothed_split_loss_and_metric(encoder: ConvNeXtV2) -> None:
     model = Classifier(encoder, 2)
     x, y = templated_images(6, 2)
     result = evaluate(model, [(x[:4], y[:4]), (x[4:], y[4:])], kind="multiclass", num_classes=2)

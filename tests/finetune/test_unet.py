@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mpmae.finetune.finetune import FinetuneConfig, Finetuner
-from mpmae.models.convnextv2 import ConvNeXtV2
+from mpmae.models.convnextv2 import ConvNeXtSpec, ConvNeXtV2
 from mpmae.models.unet import UNet
 
 from .conftest import TINY, tiny_encoder
@@ -46,7 +46,13 @@ def test_phase_one_freezes_encoder_then_phase_two_trains_it_with_layer_decay() -
     modes: list[bool] = []
     model.encoder.stages[0].register_forward_hook(lambda module, args, out: modes.append(module.training))
     config = FinetuneConfig(kind="segmentation", num_classes=3, epochs=2, lr=1e-3, freeze_epochs=1, layer_decay=0.5)
-    finetuner = Finetuner(model, config, steps_per_epoch=1)
+    wrapped: list[bool] = []  # whether the encoder trains when the model gets wrapped
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        wrapped.append(module.encoder.stages[0][0].dwconv.weight.requires_grad)
+        return torch.nn.Sequential(module)
+
+    finetuner = Finetuner(model, config, steps_per_epoch=1, wrap=wrap)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     decoder_before = model.head.weight.clone()
     batch = [(torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16)))]
@@ -60,6 +66,7 @@ def test_phase_one_freezes_encoder_then_phase_two_trains_it_with_layer_decay() -
 
     finetuner.train_epoch(batch)
     assert modes == [False, True]
+    assert wrapped == [False, True] and finetuner.net[0] is model  # re-wrapped once the encoder trains
     assert not torch.equal(model.encoder.stages[0][0].pwconv1.weight, encoder_before["stages.0.0.pwconv1.weight"])
     groups = finetuner.optimizer.param_groups
     assert {g["layer_id"] for g in groups} == set(range(6))
@@ -74,13 +81,15 @@ def test_phase_one_freezes_encoder_then_phase_two_trains_it_with_layer_decay() -
 
 def test_tiny_unet_overfits_segmentation() -> None:
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 16, 16)
-    target = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # 3 classes from pixel values
-    config = FinetuneConfig(kind="segmentation", num_classes=3, epochs=60, lr=1e-2, weight_decay=0.0)
-    finetuner = Finetuner(UNet(tiny_encoder(), num_classes=3), config, steps_per_epoch=1)
+    target = torch.randint(0, 3, (4, 4, 4)).repeat_interleave(4, 1).repeat_interleave(4, 2)  # 4x4 blocks
+    x = (2 * torch.randn(3, 3))[target].permute(0, 3, 1, 2) + 0.1 * torch.randn(4, 3, 16, 16)  # colour per class
+    encoder = ConvNeXtV2(3, ConvNeXtSpec((1, 1, 1, 1), (16, 32, 64, 128)), 8, features_only=True)
+    config = FinetuneConfig(kind="segmentation", num_classes=3, epochs=80, lr=1e-2, weight_decay=0.0)
+    finetuner = Finetuner(UNet(encoder, num_classes=3), config, steps_per_epoch=1)
     before = finetuner.evaluate([(x, target)])
     for _ in range(config.epochs):
         finetuner.train_epoch([(x, target)])
     after = finetuner.evaluate([(x, target)])
     assert after["loss"] < 0.2 * before["loss"]
-    assert after["metric"] > 0.95 > before["metric"] + 0.3
+    assert before["metric"] < 0.5
+    assert after["metric"] > 0.98

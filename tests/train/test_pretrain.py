@@ -18,6 +18,7 @@ import torch
 from mpmae.config import ConfigError, PretrainConfig, load_config
 from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
+from mpmae.finetune import Classifier, load_encoder
 from mpmae.models.convnextv2 import ConvNeXtV2
 from mpmae.train.checkpoint import export_encoder, load_checkpoint
 from mpmae.train.trainer import describe_data, pretrain
@@ -66,6 +67,9 @@ def test_two_workers_train_and_checkpoint(ray_cluster: object, synth: Path, tmp_
     assert card["input_size"] == 56 and len(card["normalisation"]["sentinel2_l2a"]["mean"]) == 12
     with pytest.raises(FileExistsError, match="encoder.pt already exists"):
         export_encoder(result.checkpoint.path, out)
+    finetune_encoder, card = load_encoder(out)  # strict: no missing or unexpected keys
+    logits = Classifier(finetune_encoder, 43)(torch.zeros(1, 12, 120, 120))
+    assert logits.shape == (1, 43) and card["architecture"]["stem"] == "modified"
 
 
 @pytest.mark.timeout(400)

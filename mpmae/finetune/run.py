@@ -1,0 +1,205 @@
+"""GEO-Bench evaluation runs on Ray Train, and the quick in-process probe table (`mpmae probe`).
+
+A run trains on the task's train split (each rank a `DistributedSampler` share), evaluates the val
+split after every epoch (each rank a disjoint share, counts summed over ranks), reports every epoch with
+a checkpoint from rank 0, and finally scores the test split with the weights the config's ``select``
+rule picks. The results JSON and the printed table come from the driver.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from mpmae.config import FinetuneRunConfig, from_dict, to_dict
+from mpmae.data.geobench import GeoBenchDataset, get_task
+from mpmae.finetune.encoder import encoder_from
+from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate
+from mpmae.finetune.probe import linear_probe
+from mpmae.models.unet import UNet
+from mpmae.train.checkpoint import atomic_save
+
+STATE_FILE = "finetune.pt"
+RESULTS_FILE = "results.json"
+
+
+def build_model(config: FinetuneRunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Classifier (or U-Net for segmentation) on the configured encoder, and the encoder's model card."""
+    task = get_task(config.task)
+    encoder, card = encoder_from(config.encoder, config.drop_path, config.arch, config.patch_size)
+    model = UNet(encoder, task.num_classes) if task.kind == "segmentation" else Classifier(encoder, task.num_classes)
+    return model, card
+
+
+def _finetune_config(config: FinetuneRunConfig) -> FinetuneConfig:
+    task = get_task(config.task)
+    frozen = config.epochs if config.mode == "linear_probe" else config.freeze_epochs
+    return FinetuneConfig(
+        kind=task.kind, num_classes=task.num_classes, epochs=config.epochs, lr=config.lr, min_lr=config.min_lr,
+        warmup_epochs=config.warmup_epochs, weight_decay=config.weight_decay, layer_decay=config.layer_decay,
+        smoothing=config.smoothing if task.kind != "segmentation" else 0.0, freeze_epochs=frozen,
+        select=config.select,
+    )
+
+
+def _loader(dataset: GeoBenchDataset, batch_size: int, rank: int, world: int, train: bool, seed: int) -> DataLoader:
+    if train:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    return DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size)
+
+
+def finetune_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point of an evaluation run."""
+    config = from_dict(FinetuneRunConfig, loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.run.seed + rank)
+    device = ray.train.torch.get_device()
+    model, card = build_model(config)
+    splits = {s: GeoBenchDataset(config.geobench_dir, config.task, s, partition=config.partition, bands=card["bands"])
+              for s in ("train", "val", "test")}
+    per_worker = config.batch_size // world
+    train = _loader(splits["train"], per_worker, rank, world, True, config.run.seed)
+    evals = {s: _loader(splits[s], per_worker, rank, world, False, 0) for s in ("val", "test")}
+    finetuner = Finetuner(model, _finetune_config(config), len(train), device, wrap=ray.train.torch.prepare_model)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"metric": float("-inf"), "epoch": -1, "model": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        finetuner.load_state_dict(state["finetuner"])
+        history, best = state["history"], state["best"]
+    fine = finetuner.config
+    while finetuner.epoch < fine.epochs:
+        train.sampler.set_epoch(finetuner.epoch)
+        row = {f"train_{k}": v for k, v in finetuner.train_epoch(train).items()}
+        row.update({f"val_{k}": v for k, v in _evaluate(finetuner, evals["val"]).items()}, epoch=finetuner.epoch - 1)
+        history.append(row)
+        if fine.select == "best_val" and row["val_metric"] > best["metric"]:
+            best = {"metric": row["val_metric"], "epoch": row["epoch"],
+                    "model": copy.deepcopy(finetuner.model.state_dict())}
+        _report(row, rank, {"finetuner": finetuner.state_dict(), "history": history, "best": best,
+                            "config": loop_config["config"]})
+    selected = fine.epochs - 1
+    if fine.select == "best_val":
+        finetuner.model.load_state_dict(best["model"])
+        selected = best["epoch"]
+    test = _evaluate(finetuner, evals["test"])
+    final = {**history[-1], "test_loss": test["loss"], "test_metric": test["metric"], "selected_epoch": selected,
+             "history": history}
+    _report(final, rank, {"finetuner": finetuner.state_dict(), "history": history, "best": best,
+                          "config": loop_config["config"]}, "final")
+
+
+def _evaluate(finetuner: Finetuner, loader: DataLoader) -> dict[str, float]:
+    fine = finetuner.config
+    return evaluate(finetuner.model, loader, kind=fine.kind, num_classes=fine.num_classes,
+                    ignore_index=fine.ignore_index, device=finetuner.device)
+
+
+def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any], name: str | None = None) -> None:
+    """Every rank reports; rank 0 attaches the state (the last one, ``final``, holds the selected weights)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            atomic_save(state, Path(tmp) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=name or f"epoch-{metrics['epoch'] + 1:04d}")
+
+
+def default_run_name(config: FinetuneRunConfig) -> str:
+    source = "random" if config.encoder is None else Path(config.encoder).name
+    return f"{'lp' if config.mode == 'linear_probe' else 'ft'}-{config.task}-{source}"
+
+
+def finetune(config: FinetuneRunConfig) -> dict[str, Any]:
+    """Run an evaluation on Ray Train and write ``results.json`` into the run folder (never overwritten)."""
+    from mpmae.train.trainer import ensure_ray
+
+    name = config.run.name or default_run_name(config)
+    results_path = Path(config.run.storage_path).resolve() / name / RESULTS_FILE
+    if results_path.exists():
+        raise FileExistsError(f"{results_path} already exists; choose another run.name")
+    GeoBenchDataset(config.geobench_dir, config.task, "train", partition=config.partition)  # fail early
+    ensure_ray()
+    trainer = ray.train.torch.TorchTrainer(
+        finetune_loop,
+        train_loop_config={"config": to_dict(config)},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
+                                               resources_per_worker={"CPU": config.run.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(Path(config.run.storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+        ),
+    )
+    metrics = trainer.fit().metrics
+    results = {"task": config.task, "mode": config.mode, "encoder": config.encoder or "random",
+               "partition": config.partition, "select": config.select, **metrics}
+    write_json(results_path, results)
+    return results
+
+
+def probe_table(
+    encoders: Sequence[str | None], task: str, *, data: str | Path | None = None, geobench_dir: str | None = None,
+    crop_size: int = 56, epochs: int = 100, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """In-process linear probes of several encoders (None = random init) on one task, as table rows.
+
+    ``task="land_cover"`` is the held-out synthetic task of an MMEarth folder ``data`` (probe trained on its
+    val split, scored on test); any GEO-Bench task trains on train and is scored on test.
+    """
+    from mpmae.data.downstream import NUM_CLASSES, land_cover_task
+
+    rows = []
+    for source in encoders:
+        encoder, card = encoder_from(source)
+        bands = tuple(card["bands"])
+        if task == "land_cover":
+            if data is None:
+                raise ValueError("the land_cover task needs --data, an MMEarth folder")
+            train, test = (land_cover_task(data, s, crop_size, bands) for s in ("val", "test"))
+            kind, classes = "multiclass", NUM_CLASSES
+        else:
+            spec = get_task(task)
+            train, test = (_tensors(GeoBenchDataset(geobench_dir, task, s, bands=list(bands)))
+                           for s in ("train", "test"))
+            kind, classes = spec.kind, spec.num_classes
+        score = linear_probe(encoder, train, test, kind=kind, num_classes=classes, epochs=epochs, seed=seed)
+        rows.append({"encoder": str(source) if source else "random init", "task": task,
+                     "train_samples": len(train[1]), "test_samples": len(test[1]), "score": score})
+    return rows
+
+
+def _tensors(dataset: GeoBenchDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = dataset.read_batch(range(len(dataset)))
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` for the terminal."""
+    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, content: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, default=float))
+    os.replace(tmp, path)
