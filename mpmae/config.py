@@ -203,7 +203,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Cross-field checks that need no data; :func:`mpmae.train.trainer.check_data` does the rest."""
-        from mpmae.modalities import get_modality, resolve_selection, tasks_of
+        from mpmae.modalities import resolve_selection, tasks_of
         from mpmae.models.convnextv2 import VARIANTS
 
         model, optim, run, data = self.model, self.optim, self.run, self.data
@@ -224,8 +224,6 @@ class PretrainConfig:
         if "sentinel2" not in selection:
             raise ConfigError("model.targets: must include sentinel2, the encoder input")
         _check_task_weights(model, tasks_of(selection))
-        for name in selection:
-            get_modality(name)
         if optim.batch_size % run.num_workers:
             raise ConfigError(
                 f"optim.batch_size: {optim.batch_size} is not divisible by run.num_workers {run.num_workers}"
