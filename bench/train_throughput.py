@@ -2,7 +2,8 @@
 
 Both sides run atto at 56 px / patch 8 with all 12 tasks, batch 16, 2 torch threads, on the same
 synthetic folder, and time their second epoch (the first pays start-up and warm-up). The plain loop reads
-with ``MMEarthDataset.read_batch``; the TorchTrainer reads through Ray Data, as a real run does.
+with ``MMEarthDataset.read_batch``; the TorchTrainer runs twice: fed by Ray Data over the folder (the
+default) and by FFCV shards, which separates Ray Train's own overhead from the data pipeline's.
 
     .venv/bin/python bench/train_throughput.py [--tiles 400] [--epochs 2]
 """
@@ -21,6 +22,7 @@ import torch
 from mpmae.config import PretrainConfig, load_config
 from mpmae.data.loaders import aligned_random_crop, to_batch
 from mpmae.data.mmearth import MMEarthDataset
+from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.train.recipe import build_optimizer
 from mpmae.train.step import StepGuard, forward_backward
@@ -30,10 +32,10 @@ BATCH = 16
 THREADS = 2
 
 
-def _config(data: Path, storage: Path, epochs: int) -> PretrainConfig:
+def _config(data: Path, storage: Path, epochs: int, *overrides: str) -> PretrainConfig:
     return load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
-        f"data.path={data}", f"run.storage_path={storage}", "run.name=bench", f"optim.batch_size={BATCH}",
-        f"optim.epochs={epochs}", "run.num_workers=1", f"run.cpus_per_worker={THREADS}",
+        f"data.path={data}", f"run.storage_path={storage}", f"optim.batch_size={BATCH}",
+        f"optim.epochs={epochs}", "run.num_workers=1", f"run.cpus_per_worker={THREADS}", *overrides,
     ])
 
 
@@ -60,8 +62,8 @@ def plain_loop(config: PretrainConfig) -> float:
     return rate
 
 
-def torch_trainer(config: PretrainConfig) -> float:
-    """Samples/s of the last epoch as the single TorchTrainer worker reports it."""
+def torch_trainer(*configs: PretrainConfig) -> list[tuple[float, float]]:
+    """(samples/s, data-wait seconds) of the last epoch as each single-worker TorchTrainer reports it."""
     import ray
 
     from mpmae.train.trainer import pretrain
@@ -69,7 +71,8 @@ def torch_trainer(config: PretrainConfig) -> float:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=4, include_dashboard=True, object_store_memory=400 * 1024**2, log_to_driver=False)
     try:
-        return float(pretrain(config).metrics["samples_per_s"])
+        metrics = [pretrain(config).metrics for config in configs]
+        return [(float(m["samples_per_s"]), float(m["data_wait_s"])) for m in metrics]
     finally:
         ray.shutdown()
 
@@ -81,14 +84,19 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic_mmearth(Path(tmp) / "data", tiles=args.tiles, seed=0)
-        config = _config(data, Path(tmp) / "runs", args.epochs)
+        write_shards(data, Path(tmp) / "ffcv", format="ffcv", tiles_per_shard=args.tiles, progress=False)
+        runs = Path(tmp) / "runs"
+        config = _config(data, runs, args.epochs, "run.name=ray-data")
         plain = plain_loop(config)
-        ray_rate = torch_trainer(config)
+        rates = torch_trainer(config, _config(Path(tmp) / "ffcv", runs, args.epochs, "data.format=ffcv",
+                                              "run.name=ffcv"))
     print(f"atto 56/8 all tasks, batch {BATCH}, {THREADS} threads, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.1f}")
-    print(f"plain in-process loop : {plain:7.2f} samples/s")
-    print(f"TorchTrainer, 1 worker: {ray_rate:7.2f} samples/s")
-    print(f"Ray overhead          : {100 * (1 - ray_rate / plain):6.1f} %")
+    print(f"plain in-process loop (read_batch)   : {plain:7.2f} samples/s")
+    for label, (rate, wait) in zip(("TorchTrainer, 1 worker, Ray Data", "TorchTrainer, 1 worker, FFCV"), rates,
+                                   strict=True):
+        print(f"{label:<37}: {rate:7.2f} samples/s, data wait {wait:5.1f} s/epoch, "
+              f"overhead {100 * (1 - rate / plain):5.1f} %")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed + rank)
+    torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))  # intra-op threads = the CPUs Ray reserved
     device = ray.train.torch.get_device()
     # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
     model = ray.train.torch.prepare_model(build_model(config),
