@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evalu
 from mpmae.finetune.probe import linear_probe
 from mpmae.models.unet import UNet
 from mpmae.train.checkpoint import atomic_save
+from mpmae.train.worker import report_with_checkpoint
 
 STATE_FILE = "finetune.pt"
 RESULTS_FILE = "results.json"
@@ -110,14 +110,9 @@ def _evaluate(finetuner: Finetuner, loader: DataLoader) -> dict[str, float]:
 
 
 def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any], name: str | None = None) -> None:
-    """Every rank reports; rank 0 attaches the state (the last one, ``final``, holds the selected weights)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            atomic_save(state, Path(tmp) / STATE_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=name or f"epoch-{metrics['epoch'] + 1:04d}")
+    """Report an epoch; rank 0 attaches the state (the last one, ``final``, holds the selected weights)."""
+    report_with_checkpoint(metrics, rank, lambda folder: atomic_save(state, folder / STATE_FILE),
+                           name or f"epoch-{metrics['epoch'] + 1:04d}")
 
 
 def default_run_name(config: FinetuneRunConfig) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +147,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("epoch %d/%d step %d loss %.4f %.1f samples/s", epoch + 1, config.optim.epochs,
                      state.step, metrics.get("loss", float("nan")), metrics["samples_per_s"])
-        _report(metrics, rank, core, optimizer, state, loop_config, lr)
+        report_with_checkpoint(
+            metrics, rank,
+            lambda folder, lr=lr: save_checkpoint(folder, core, optimizer, state, loop_config["config"],
+                                                  loop_config["norm_stats"], lr),
+            f"epoch-{state.epoch:04d}",
+        )
 
 
-def _report(metrics: dict[str, Any], rank: int, model: MPMAE, optimizer: torch.optim.Optimizer,
-            state: TrainState, loop_config: dict[str, Any], lr: float) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint of the epoch just finished."""
+def report_with_checkpoint(metrics: dict[str, Any], rank: int, write: Callable[[Path], Any], name: str) -> None:
+    """Every rank reports (Ray's barrier); rank 0 writes the checkpoint folder and attaches it."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(Path(tmp), model, optimizer, state, loop_config["config"], loop_config["norm_stats"], lr)
+            write(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{state.epoch:04d}")
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
