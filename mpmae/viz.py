@@ -10,7 +10,6 @@ with matplotlib's Agg canvas directly (no pyplot state, no display) and every fi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,7 @@ from mpmae.data.mmearth import MMEarthDataset
 from mpmae.losses import NORM_PIX_EPS, patchify
 from mpmae.modalities import IMAGE_TASKS, MODALITIES, Selection
 from mpmae.models.mpmae import INPUT_MODALITY, MPMAE, MPMAEOutput, random_mask
-from mpmae.train.checkpoint import load_checkpoint
+from mpmae.train.checkpoint import atomic_write_json, load_checkpoint
 from mpmae.train.worker import build_model
 
 #: Sentinel-2 bands shown as red, green, blue.
@@ -172,13 +171,6 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def _write_json(content: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, allow_nan=False))
-    os.replace(tmp, path)
-    return path
-
-
 def _draw(ax: Axes, task: str, image: np.ndarray, target: np.ndarray, input_rgb: list[int]) -> None:
     """One target or reconstruction panel, coloured on the scale of the tile's target."""
     if MODALITIES[task].task == "segmentation":
@@ -288,7 +280,7 @@ def _reconstructions(payload: Mapping[str, Any], data: Path | str, out_dir: Path
     image_tasks = [t for t in model.tasks if t in IMAGE_TASKS]
     if image_tasks:
         table = {"split": dataset.split, "tiles": tile_ids, "tasks": image_task_table(output, batch, image_tasks)}
-        written.append(_write_json(table, out_dir / IMAGE_TASKS_FILE))
+        written.append(atomic_write_json(out_dir / IMAGE_TASKS_FILE, table, allow_nan=False))
     return written
 
 

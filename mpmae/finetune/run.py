@@ -9,8 +9,6 @@ rule picks. The results JSON and the printed table come from the driver.
 from __future__ import annotations
 
 import copy
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from mpmae.finetune.encoder import encoder_from
 from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate
 from mpmae.finetune.probe import linear_probe
 from mpmae.models.unet import UNet
-from mpmae.train.checkpoint import atomic_save
+from mpmae.train.checkpoint import atomic_save, atomic_write_json
 from mpmae.train.worker import report_with_checkpoint
 
 STATE_FILE = "finetune.pt"
@@ -194,7 +192,6 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def write_json(path: Path, content: Any) -> None:
+    """Results JSON (numpy and tensor scalars as floats), written atomically into a created folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, default=float))
-    os.replace(tmp, path)
+    atomic_write_json(path, content, default=float)

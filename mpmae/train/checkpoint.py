@@ -41,6 +41,14 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_json(path: Path, content: Any, **dumps_kwargs: Any) -> Path:
+    """JSON to a temporary name, then rename, as :func:`atomic_save` does for tensors."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, **dumps_kwargs))
+    os.replace(tmp, path)
+    return path
+
+
 def save_checkpoint(
     folder: Path,
     model: nn.Module,
@@ -115,10 +123,7 @@ def export_encoder(checkpoint: Path | str, out: Path | str) -> Path:
         raise ValueError(f"{checkpoint}: the checkpoint's model holds no encoder weights")
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(encoder, out / ENCODER_FILE)
-    card = model_card(payload)
-    tmp = out / f".{CARD_FILE}.tmp"
-    tmp.write_text(json.dumps(card, indent=2))
-    os.replace(tmp, out / CARD_FILE)
+    atomic_write_json(out / CARD_FILE, model_card(payload))
     return out
 
 
