@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
+# ffcv builds against the first three; the metrics test starts its own Prometheus on loopback.
+DEB_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DIR := runs/demo
 
-.PHONY: demo test lint bench deb-packages clean
+.PHONY: demo tune-demo test lint bench deb-packages clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,7 @@ $(VENV)/.installed-dev: pyproject.toml | deb-packages
 
 deb-packages:
 	@dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1 || \
-		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEB_PACKAGES); }
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(DEB_PACKAGES); }
 
 # Generated data; all-modality and Sentinel-2-only pretraining of the same budget (2 CPU workers on a
 # local Ray instance); reconstructions and loss curves; then linear probes of both encoders and of a
@@ -37,6 +38,11 @@ demo: $(VENV)/.installed
 		--data runs/demo-data --out $(DEMO_DIR)/probe.json
 	@echo "demo outputs: checkpoints in $(DEMO_DIR)/epoch-* and runs/demo-s2/epoch-*, pictures and loss curves"
 	@echo "in $(DEMO_DIR)/viz, probe scores in $(DEMO_DIR)/probe.json"
+
+# A Ray Tune sweep over mask ratio, loss weighting and learning rate on the demo data (about 15 min).
+tune-demo: $(VENV)/.installed
+	[ -d runs/demo-data ] || $(VENV)/bin/mpmae synth runs/demo-data --tiles 1000 --size 64 --seed 0
+	$(VENV)/bin/mpmae tune --config configs/tune_demo.yaml
 
 test: $(VENV)/.installed-dev lint
 	$(PY) -m pytest

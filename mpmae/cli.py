@@ -89,6 +89,38 @@ def _probe(args: argparse.Namespace) -> None:
         write_json(args.out, rows)
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from mpmae.config import SweepConfig, load_config
+    from mpmae.tune.sweep import resume, tune
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.resume is not None:
+        if args.config is not None or args.overrides:
+            raise ValueError("--resume takes no --config or overrides: the sweep folder holds its config")
+        summary = resume(args.resume, args.storage_path)
+    else:
+        summary = tune(load_config(SweepConfig, args.config, args.overrides))
+    print(f"sweep folder: {summary['folder']}")
+
+
+def _cluster_validate(args: argparse.Namespace) -> int:
+    from mpmae.cluster import cli_validate
+
+    return cli_validate(args.files)
+
+
+def _dashboards_render(args: argparse.Namespace) -> int:
+    from mpmae.dashboards import cli_render
+
+    return cli_render(args.out)
+
+
+def _dashboards_provision(args: argparse.Namespace) -> int:
+    from mpmae.dashboards import cli_provision
+
+    return cli_provision(args.url, args.folder)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `mpmae` subcommand."""
     parser = argparse.ArgumentParser(prog="mpmae", description=__doc__)
@@ -149,6 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--epochs", type=int, default=100)
     probe.add_argument("--out", type=Path, help="write the table as JSON here (never overwritten)")
     probe.set_defaults(run=_probe)
+
+    tune = commands.add_parser("tune", help="Ray Tune sweep of pretraining configs, ranked by a probe score")
+    tune.add_argument("--config", type=Path, help="a sweep YAML, e.g. configs/tune_demo.yaml")
+    tune.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME")
+    tune.add_argument("--storage-path", default="runs", help="where --resume finds the sweep (default runs)")
+    tune.add_argument("overrides", nargs="*", help="key=value, e.g. num_samples=4 scheduler.type=fifo")
+    tune.set_defaults(run=_tune)
+
+    cluster = commands.add_parser("cluster", help="cluster launcher YAMLs and KubeRay manifests")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    validate = cluster_commands.add_parser("validate", help="check files with Ray's schema and our rules")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(run=_cluster_validate)
+
+    dashboards = commands.add_parser("dashboards", help="Grafana dashboards of the training metrics")
+    dashboards_commands = dashboards.add_subparsers(dest="dashboards_command", required=True)
+    render = dashboards_commands.add_parser("render", help="write the dashboard JSON files")
+    render.add_argument("--out", type=Path, help="output folder (default dashboards/)")
+    render.set_defaults(run=_dashboards_render)
+    provision = dashboards_commands.add_parser(
+        "provision", help="create or update the dashboards through Grafana's API (token: $GRAFANA_TOKEN)")
+    provision.add_argument("--url", required=True, help="Grafana's base URL")
+    provision.add_argument("--folder", default="mpmae", help="Grafana folder (default mpmae)")
+    provision.set_defaults(run=_dashboards_provision)
     return parser
 
 
@@ -156,11 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mpmae` console script; bad input exits 2 with the error, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"mpmae {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -191,6 +191,36 @@ class RunConfig:
     max_nonfinite_steps: int = 10
     log_every_steps: int = 20
 
+    @property
+    def storage(self) -> str:
+        """Where Ray Train writes runs: a URI (``s3://``, ``gs://``) as is, a local path made absolute."""
+        return self.storage_path if is_uri(self.storage_path) else str(Path(self.storage_path).resolve())
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names cloud storage (``s3://bucket/prefix``) rather than a filesystem path."""
+    return "://" in path
+
+
+@dataclasses.dataclass
+class ProbeConfig:
+    """A linear probe of the encoder every ``every_epochs`` epochs, reported as ``probe_score``.
+
+    Ray Tune optimises this score: the pretraining loss is not comparable across mask ratios or loss
+    weights. ``task`` is ``land_cover`` (held out of the MMEarth folder ``data``, default ``data.path``)
+    or a GEO-Bench task under ``geobench_dir``; null turns probing off.
+    """
+
+    task: str | None = None
+    every_epochs: int = 1
+    data: str | None = None
+    geobench_dir: str | None = None
+    epochs: int = 100
+
+    def due(self, epochs_done: int, total_epochs: int) -> bool:
+        """Whether a probe runs after ``epochs_done`` epochs (always after the last one)."""
+        return self.task is not None and (epochs_done % self.every_epochs == 0 or epochs_done == total_epochs)
+
 
 @dataclasses.dataclass
 class PretrainConfig:
@@ -200,6 +230,7 @@ class PretrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
         """Cross-field checks that need no data; :func:`mpmae.train.trainer.check_data` does the rest."""
@@ -235,6 +266,27 @@ class PretrainConfig:
             raise ConfigError(f"optim.warmup_epochs: {optim.warmup_epochs} must lie in [0, optim.epochs]")
         if run.num_workers < 1 or run.cpus_per_worker <= 0:
             raise ConfigError("run.num_workers and run.cpus_per_worker must be positive")
+        _check_probe(self.probe, data)
+
+
+def _check_probe(probe: ProbeConfig, data: DataConfig) -> None:
+    if probe.task is None:
+        return
+    if probe.every_epochs < 1 or probe.epochs < 1:
+        raise ConfigError("probe.every_epochs and probe.epochs must be at least 1")
+    if probe.task == "land_cover":
+        if probe.data is None and data.format != "mmearth":
+            raise ConfigError("probe.data: the land_cover probe needs an MMEarth folder when data.format is "
+                              f"{data.format!r}")
+        return
+    from mpmae.data.geobench import get_task
+
+    try:
+        kind = get_task(probe.task).kind
+    except ValueError as err:
+        raise ConfigError(f"probe.task: {err} (or land_cover)") from None
+    if kind == "segmentation":
+        raise ConfigError(f"probe.task: {probe.task!r} is a segmentation task; a linear probe needs classification")
 
 
 def _check_task_weights(model: ModelConfig, tasks: list[str]) -> None:
@@ -301,3 +353,58 @@ class FinetuneRunConfig:
             raise ConfigError("epochs: must be >= 1, and freeze_epochs must lie in [0, epochs]")
         if not 0.0 <= self.smoothing < 1.0:
             raise ConfigError(f"smoothing: {self.smoothing} must lie in [0, 1)")
+
+
+# -- Ray Tune sweeps ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SearchAlgConfig:
+    """Optuna's sampler: TPE, or random for a baseline."""
+
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    """ASHA early stopping on the probe score (rungs in epochs up to the base config's ``optim.epochs``),
+    or ``fifo`` to run every trial to the end."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """A Ray Tune sweep (``configs/tune_*.yaml``): trials are pretraining runs of ``base`` with ``pretrain``
+    merged over it and the searched values of ``search`` on top, judged by their probe score.
+
+    ``max_concurrent_trials`` is also Optuna's concurrency limit: it suggests a config only when a trial
+    can start, so each suggestion learns from every finished trial."""
+
+    name: str = "tune"
+    storage_path: str = "runs"
+    base: str = "configs/demo.yaml"
+    pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
+    search: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    max_failures: int = 1
+    search_alg: SearchAlgConfig = dataclasses.field(default_factory=SearchAlgConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+
+    def validate(self) -> None:
+        for key in ("num_samples", "max_concurrent_trials"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1")
+        if self.scheduler.grace_period < 1 or self.scheduler.reduction_factor <= 1:
+            raise ConfigError("scheduler: grace_period must be >= 1 and reduction_factor > 1")
+        if self.max_failures < 0:
+            raise ConfigError("max_failures: must be >= 0")
+        if not self.search:
+            raise ConfigError("search: the search space is empty")
+        if is_uri(self.storage_path):
+            raise ConfigError(f"storage_path: {self.storage_path} is a URI; a sweep writes its tables and exports "
+                              "to a filesystem path (on a cluster: a shared mount such as EFS or Filestore)")

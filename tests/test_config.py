@@ -64,3 +64,18 @@ def test_unreadable_yaml_names_the_file(tmp_path: Path) -> None:
     path.write_text("a: [1, 2")
     with pytest.raises(ConfigError, match="broken.yaml: cannot read the config"):
         load_config(DataConfig, path)
+
+
+def test_cloud_storage_uris_pass_through_to_ray_and_local_paths_become_absolute(tmp_path: Path) -> None:
+    from mpmae.config import RunConfig
+
+    assert RunConfig(storage_path="s3://bucket/mpmae").storage == "s3://bucket/mpmae"
+    assert RunConfig(storage_path="gs://bucket").storage == "gs://bucket"
+    assert RunConfig(storage_path="runs").storage == str(Path("runs").resolve())
+
+
+def test_sweeps_refuse_cloud_storage_with_a_clear_error() -> None:
+    from mpmae.config import SweepConfig
+
+    with pytest.raises(ConfigError, match="storage_path: s3://b/x is a URI"):
+        load_config(SweepConfig, None, ["storage_path=s3://b/x", "search.model.mask_ratio={uniform: [0.5, 0.8]}"])

@@ -18,7 +18,7 @@ import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mpmae.config import FinetuneRunConfig, from_dict, to_dict
+from mpmae.config import ConfigError, FinetuneRunConfig, from_dict, is_uri, to_dict
 from mpmae.data.geobench import GeoBenchDataset, get_task
 from mpmae.finetune.encoder import encoder_from
 from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate
@@ -123,6 +123,9 @@ def finetune(config: FinetuneRunConfig) -> dict[str, Any]:
     from mpmae.train.trainer import ensure_ray
 
     name = config.run.name or default_run_name(config)
+    if is_uri(config.run.storage_path):
+        raise ConfigError(f"run.storage_path: {config.run.storage_path} is a URI; an evaluation writes "
+                          f"{RESULTS_FILE} to a filesystem path (on a cluster: a shared mount)")
     results_path = Path(config.run.storage_path).resolve() / name / RESULTS_FILE
     if results_path.exists():
         raise FileExistsError(f"{results_path} already exists; choose another run.name")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from mpmae.data.loaders import ray_dataset
 from mpmae.data.mmearth import MMEarthDataset
 from mpmae.data.shards import find_shards, read_shard_metadata
 from mpmae.modalities import PRESETS, resolve_selection
+from mpmae.train.probe import load_probe_task
 from mpmae.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -117,18 +119,21 @@ def norm_stats(source: DataSource) -> dict[str, Any]:
 
 
 def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` when set, else start the embedded local instance."""
+    """Connect to ``RAY_ADDRESS`` when set, else start the embedded local instance.
+
+    ``address="local"`` always starts a new instance: auto-discovery could join a stale or unrelated one.
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=True)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=True)
 
 
-def build_trainer(config: PretrainConfig, source: DataSource) -> TorchTrainer:
-    """The TorchTrainer of a validated config."""
+def build_trainer(config: PretrainConfig, source: DataSource, callbacks: Sequence[Any] = ()) -> TorchTrainer:
+    """The TorchTrainer of a validated config; ``callbacks`` are Ray Train callbacks (Tune's reporter)."""
     run = config.run
     datasets = {}
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 logs one line per epoch
@@ -138,22 +143,35 @@ def build_trainer(config: PretrainConfig, source: DataSource) -> TorchTrainer:
     name = run.name or default_run_name(config, source.name)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "rows": source.rows, "norm_stats": norm_stats(source)},
+        train_loop_config={"config": to_dict(config), "rows": source.rows, "norm_stats": norm_stats(source),
+                           "run_name": name},
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(Path(run.storage_path).resolve()),
+            storage_path=run.storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
     )
 
 
+def check_probe(config: PretrainConfig) -> None:
+    """Load the probe task once in the driver, so that bad probe data fail before any worker starts."""
+    if config.probe.task is None:
+        return
+    try:
+        load_probe_task(config)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"probe: {err}") from None
+
+
 def pretrain(config: PretrainConfig) -> ray.train.Result:
     """Validate, start (or join) Ray, and run the pretraining to completion."""
     source = describe_data(config)
+    check_probe(config)
     ensure_ray()
     return build_trainer(config, source).fit()

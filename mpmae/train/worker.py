@@ -2,8 +2,10 @@
 
 Each epoch: draw batches (Ray Data shard or this rank's FFCV shards), crop all pixel modalities at one
 offset per sample, step the model with the recipe's per-iteration learning rate, then report metrics on
-every rank and a checkpoint from rank 0. Resuming picks up at the epoch after the latest checkpoint, with
-the global step count continuing.
+every rank and a checkpoint from rank 0. With a probe configured, reports and checkpoints come every
+``probe.every_epochs`` epochs, each with rank 0's probe score. Resuming picks up at the epoch after the
+latest checkpoint, with the global step count continuing. Step times and epoch values also go to Ray's
+application metrics (:mod:`mpmae.metrics`), which the Grafana dashboards show.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch.distributed as dist
 
 from mpmae.config import PretrainConfig, from_dict
 from mpmae.data.loaders import aligned_random_crop, ffcv_loader, iter_ray_batches
+from mpmae.metrics import RunMetrics
 from mpmae.models.mpmae import MPMAE, MPMAEConfig
 from mpmae.train.checkpoint import TrainState, load_checkpoint, restore, save_checkpoint
+from mpmae.train.probe import load_probe_task
 from mpmae.train.recipe import build_optimizer, learning_rate, set_learning_rate
 from mpmae.train.step import LossMeter, StepGuard, forward_backward, unwrap
 
@@ -84,6 +88,15 @@ def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(values, (tensor / dist.get_world_size()).tolist(), strict=True))
 
 
+def _broadcast(value: float, device: torch.device) -> float:
+    """Rank 0's value on every rank, so that all ranks report the same probe score."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; ``loop_config`` holds the PretrainConfig dict, rows and norm stats."""
     config = from_dict(PretrainConfig, loop_config["config"])
@@ -104,9 +117,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = restore(load_checkpoint(folder), core, optimizer)
         log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
 
+    probe = load_probe_task(config) if config.probe.task is not None and rank == 0 else None
     per_worker = config.optim.batch_size // world
     guard = StepGuard(config.run.max_nonfinite_steps)
     guard.skipped = state.skipped_steps
+    telemetry = RunMetrics(loop_config["run_name"], rank, skipped_steps=state.skipped_steps)
     generator = torch.Generator().manual_seed(config.run.seed + rank)
     accum = config.optim.accum_steps
     for epoch in range(state.epoch, config.optim.epochs):
@@ -118,7 +133,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tick = time.perf_counter()
             raw = next(batches)
             batch = _prepare(raw, config.data.crop_size, generator, device)
-            data_wait += time.perf_counter() - tick
+            waited = time.perf_counter() - tick
+            data_wait += waited
             if it % accum == 0:
                 lr = learning_rate(epoch + it / iters_per_epoch, config.optim)
                 set_learning_rate(optimizer, lr)
@@ -130,6 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state.step += 1
                 if rank == 0 and state.step % config.run.log_every_steps == 0:
                     log.info("epoch %d step %d lr %.3g", epoch, state.step, lr)
+            telemetry.step(time.perf_counter() - tick, waited)
         if config.data.format != "ffcv":
             for _ in batches:  # finish the streaming split's epoch (drop_last leaves at most a partial batch)
                 pass
@@ -142,17 +159,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "samples_per_s": samples / elapsed * world,
             "data_wait_s": data_wait,
         }, device)
-        metrics.update(epoch=epoch, step=state.step, lr=lr, skipped_steps=guard.skipped)
+        metrics.update(epoch=epoch, epochs_done=state.epoch, step=state.step, lr=lr, skipped_steps=guard.skipped)
+        telemetry.epoch(metrics)
+        if config.probe.task is not None and not config.probe.due(state.epoch, config.optim.epochs):
+            state.history.append(metrics)
+            continue  # with a probe, reports (and checkpoints) come with its score only
+        if config.probe.task is not None:
+            metrics["probe_score"] = _broadcast(probe(core.encoder, device) if probe is not None else 0.0, device)
+            telemetry.probe(metrics["probe_score"])
         state.history.append(metrics)
         if rank == 0:
-            log.info("epoch %d/%d step %d loss %.4f %.1f samples/s", epoch + 1, config.optim.epochs,
-                     state.step, metrics.get("loss", float("nan")), metrics["samples_per_s"])
+            log.info("epoch %d/%d step %d loss %.4f %.1f samples/s%s", epoch + 1, config.optim.epochs, state.step,
+                     metrics.get("loss", float("nan")), metrics["samples_per_s"],
+                     f" probe {metrics['probe_score']:.4f}" if "probe_score" in metrics else "")
+        saving = time.perf_counter()
         report_with_checkpoint(
             metrics, rank,
             lambda folder, lr=lr: save_checkpoint(folder, core, optimizer, state, loop_config["config"],
                                                   loop_config["norm_stats"], lr),
             f"epoch-{state.epoch:04d}",
         )
+        telemetry.checkpoint(time.perf_counter() - saving)
 
 
 def report_with_checkpoint(metrics: dict[str, Any], rank: int, write: Callable[[Path], Any], name: str) -> None:

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps of pretraining configs, ranked by a linear probe of each trial's encoder."""

@@ -1,0 +1,153 @@
+"""What a finished sweep leaves behind: a table of trials, the best config, a plot, the best encoder.
+
+The table (``trials.csv``, ``trials.json``), ``best_config.yaml`` and ``probe_score.png`` summarise the
+whole sweep and are rewritten, atomically, each time it completes (a resumed sweep adds trials). The best
+trial's encoder goes to ``best-encoder-<trial_id>/``, a new folder per best trial, never overwritten.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mpmae.train.checkpoint import atomic_write_json, export_encoder, resolve_checkpoint
+from mpmae.tune.space import TASK_WEIGHTS, apply_params
+from mpmae.tune.sweep import METRIC, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
+
+FIXED_COLUMNS = ("trial_id", METRIC, "epochs_run", "state")
+
+
+def trial_rows(sweep: Sweep, results: Any) -> list[dict[str, Any]]:
+    """One row per trial: id, searched values, last probe score, epochs run, how it ended."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        epochs = int(metrics.get(TIME_ATTR, 0))
+        if result.error is not None:
+            state = "error"
+        else:
+            state = "completed" if epochs >= sweep.epochs else "stopped early"
+        rows.append({"trial_id": metrics.get("trial_id", Path(result.path).name), METRIC: metrics.get(METRIC),
+                     "epochs_run": epochs, "state": state, **dict(result.config)})
+    return sorted(rows, key=lambda r: str(r["trial_id"]))
+
+
+def param_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The searched keys that appear in any trial, in a stable order."""
+    return sorted({k for row in rows for k in row if k not in FIXED_COLUMNS})
+
+
+def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial with the highest last probe score (errored trials excluded); ties go to the earlier id."""
+    scored = [r for r in rows if r["state"] != "error" and r[METRIC] is not None]
+    return max(scored, key=lambda r: r[METRIC], default=None)
+
+
+def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The table for the terminal."""
+    from mpmae.finetune.run import format_table
+
+    filled = [{c: _cell(r.get(c)) for c in columns} for r in rows]
+    return format_table(filled, columns)
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value
+
+
+def summarize(sweep: Sweep, results: Any) -> dict[str, Any]:
+    """Print and write the trial table, the best config, the plot, and export the best encoder."""
+    rows = trial_rows(sweep, results)
+    columns = [*FIXED_COLUMNS, *param_columns(rows)]
+    folder = sweep.folder
+    print(format_rows(rows, columns))
+    atomic_write_json(folder / "trials.json", rows, default=str)
+    _atomic_write_text(folder / "trials.csv", _csv(rows, columns))
+    plot_scores(rows, sweep, folder / "probe_score.png")
+    best = best_row(rows)
+    summary: dict[str, Any] = {"folder": str(folder), "trials": rows, "best": best}
+    if best is not None:
+        summary["best_config"] = str(write_best_config(sweep, best, folder / "best_config.yaml"))
+        summary["best_encoder"] = str(export_best_encoder(sweep, best))
+        print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.4f} after {best['epochs_run']} epochs")
+    return summary
+
+
+def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_best_config(sweep: Sweep, best: dict[str, Any], path: Path) -> Path:
+    """The best trial's pretraining config, ready for ``mpmae pretrain --config``: the full budget, the
+    base config's storage, and a run name of its own."""
+    params = {k: v for k, v in best.items() if k not in FIXED_COLUMNS}
+    config = apply_params(sweep.base, params)
+    config["run"]["name"] = f"{sweep.config.name}-best"
+    header = (f"# Best trial {best['trial_id']} of sweep {sweep.config.name}: {METRIC} {best[METRIC]:.4f} "
+              f"after {best['epochs_run']} of {sweep.epochs} epochs.\n")
+    _atomic_write_text(path, header + yaml.safe_dump(yaml_ready(config), sort_keys=False))
+    return path
+
+
+def export_best_encoder(sweep: Sweep, best: dict[str, Any]) -> Path:
+    """The best trial's latest checkpoint as an encoder export (kept if this trial was exported before)."""
+    out = sweep.folder / f"best-encoder-{best['trial_id']}"
+    if not out.exists():
+        export_encoder(resolve_checkpoint(sweep.folder / TRIALS_DIR / str(best["trial_id"])), out)
+    return out
+
+
+def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path) -> Path | None:
+    """Probe score against mask ratio, learning rate and each searched weight (log axes where sampled so)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = [c for c in param_columns(rows) if all(isinstance(r.get(c), float | int | type(None)) for r in rows)
+               and any(r.get(c) is not None for r in rows)]
+    scored = [r for r in rows if r[METRIC] is not None]
+    if not numeric or not scored:
+        return None
+    fig, axes = plt.subplots(1, len(numeric), figsize=(4 * len(numeric), 3.5), squeeze=False)
+    for ax, column in zip(axes[0], numeric, strict=True):
+        for state, marker in (("completed", "o"), ("stopped early", "x")):
+            points = [(r[column], r[METRIC]) for r in scored if r["state"] == state and r.get(column) is not None]
+            if points:
+                ax.scatter(*zip(*points, strict=True), marker=marker, label=state)
+        dist = sweep.space.params.get(column) or sweep.space.task_weights.get(column.removeprefix(f"{TASK_WEIGHTS}."))
+        if dist is None:
+            dist = sweep.space.task_weights.get("default")
+        if dist is not None and dist.kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(column)
+        ax.set_ylabel(METRIC)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"sweep {sweep.config.name}: last probe score of each trial")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

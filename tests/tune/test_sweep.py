@@ -1,0 +1,125 @@
+"""Ray Tune sweeps on the session's Ray head: ASHA stops trials early; a killed sweep resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpmae.config import PretrainConfig, SweepConfig, load_config
+from mpmae.data.synth import write_synthetic_mmearth
+from mpmae.finetune import load_encoder
+from mpmae.tune.sweep import TRIALS_DIR, resume, tune
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Small pretraining data, and a larger folder whose 100 val tiles make a probe score fine enough
+    that trials rarely tie (ASHA keeps tied trials)."""
+    root = tmp_path_factory.mktemp("sweep")
+    return (write_synthetic_mmearth(root / "pretrain", tiles=40, seed=3),
+            write_synthetic_mmearth(root / "probe", tiles=1000, seed=4))
+
+
+def _overrides(data: tuple[Path, Path], storage: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"name={name}", f"storage_path={storage}", f"base={REPO / 'configs' / 'demo.yaml'}",
+        f"pretrain.data.path={data[0]}", f"pretrain.probe.data={data[1]}", "pretrain.probe.epochs=100",
+        "pretrain.optim.batch_size=8", "pretrain.optim.epochs=2", "pretrain.model.decoder_dim=64",
+        "search_alg.sampler=random", *extra,
+    ]
+
+
+def _sweep(*overrides: str) -> SweepConfig:
+    return load_config(SweepConfig, REPO / "configs" / "tune_demo.yaml", overrides)
+
+
+@pytest.mark.timeout(900)
+def test_asha_sweep_stops_trials_early_and_writes_its_summary(
+    ray_cluster: object, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # reduction factor 4, one rung after epoch 1: a trial goes on only with the best score so far
+    summary = tune(_sweep(*_overrides(data, tmp_path, "asha", "num_samples=5", "scheduler.grace_period=1",
+                                      "scheduler.reduction_factor=4")))
+    folder = tmp_path / "asha"
+    rows = summary["trials"]
+    assert len(rows) == 5 and {r["state"] for r in rows} <= {"completed", "stopped early"}
+    stopped = [r for r in rows if r["state"] == "stopped early"]
+    assert stopped and all(r["epochs_run"] == 1 for r in stopped)
+    assert any(r["state"] == "completed" and r["epochs_run"] == 2 for r in rows)
+    assert all(0.0 <= r["probe_score"] <= 1.0 for r in rows)
+    for row in rows:  # every trial is its own Train run, checkpointed at each probe
+        assert len(list((folder / TRIALS_DIR / row["trial_id"]).glob("epoch-*"))) == row["epochs_run"]
+
+    with (folder / "trials.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in table] == [r["trial_id"] for r in rows]
+    assert {"probe_score", "epochs_run", "state", "model.mask_ratio", "optim.blr", "model.loss"} <= set(table[0])
+    assert json.loads((folder / "trials.json").read_text())[0]["trial_id"] == rows[0]["trial_id"]
+    assert (folder / "probe_score.png").stat().st_size > 10_000
+
+    best = summary["best"]
+    assert best["probe_score"] == max(r["probe_score"] for r in rows)
+    config = load_config(PretrainConfig, folder / "best_config.yaml")
+    assert config.model.mask_ratio == best["model.mask_ratio"] and config.optim.blr == best["optim.blr"]
+    assert config.model.loss == best["model.loss"] and config.run.name == "asha-best"
+    assert config.optim.epochs == 2 and config.probe.task == "land_cover"
+    if best["model.loss"] == "weighted":
+        assert config.model.task_weights == {k.rsplit(".", 1)[1]: v for k, v in best.items()
+                                             if k.startswith("model.task_weights.")}
+    encoder, card = load_encoder(folder / f"best-encoder-{best['trial_id']}")
+    assert card["bands"][0] == "B1" and encoder.features_only
+
+
+def _terminated_trials(folder: Path) -> int:
+    """Trials that Tune's saved experiment state records as finished."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    if not states:
+        return 0
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+    except (json.JSONDecodeError, KeyError):
+        return 0  # caught mid-write
+    return sum(json.loads(state)["status"] == "TERMINATED" for state, _ in trials)
+
+
+@pytest.mark.timeout(900)
+def test_killed_sweep_resumes_without_rerunning_finished_trials(
+    ray_cluster, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    overrides = _overrides(data, tmp_path, "killed", "num_samples=2", "scheduler.type=fifo")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "mpmae.cli", "tune", "--config", str(REPO / "configs" / "tune_demo.yaml"),
+             *overrides], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        folder = tmp_path / "killed"
+        deadline = time.monotonic() + 600
+        while _terminated_trials(folder) < 1:
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first trial did not finish"
+            time.sleep(1)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+
+    first = [p for p in (folder / TRIALS_DIR).iterdir() if len(list(p.glob("epoch-*"))) == 2]
+    assert len(first) == 1
+    before = {p.name: p.stat().st_mtime_ns for p in first[0].glob("epoch-*")}
+
+    summary = resume("killed", tmp_path)
+    rows = summary["trials"]
+    assert [r["state"] for r in rows] == ["completed", "completed"]
+    assert first[0].name in {r["trial_id"] for r in rows}
+    assert {p.name: p.stat().st_mtime_ns for p in first[0].glob("epoch-*")} == before  # not trained again
+    assert _terminated_trials(folder) == 2
