@@ -128,8 +128,21 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=True)
+        return
+    context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=True)
+    _record_current_cluster(context.address_info["gcs_address"])
+
+
+def _record_current_cluster(gcs_address: str) -> None:
+    """Record the new instance as this machine's current Ray cluster, as `ray start` does.
+
+    Ray Train's placement-group cleaner, which frees a finished Tune trial's CPUs, finds the cluster by
+    auto-discovery; a record left by an earlier `ray start` would send it to a dead address, and a sweep
+    would stall once leaked reservations fill the machine. (Private Ray API: ray is pinned to 2.60.*.)
+    """
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(gcs_address)
 
 
 def build_trainer(config: PretrainConfig, source: DataSource, callbacks: Sequence[Any] = ()) -> TorchTrainer:

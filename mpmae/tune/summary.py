@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,14 +124,19 @@ def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path) -> Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     numeric = [c for c in param_columns(rows) if all(isinstance(r.get(c), float | int | type(None)) for r in rows)
                and any(r.get(c) is not None for r in rows)]
     scored = [r for r in rows if r[METRIC] is not None]
     if not numeric or not scored:
         return None
-    fig, axes = plt.subplots(1, len(numeric), figsize=(4 * len(numeric), 3.5), squeeze=False)
-    for ax, column in zip(axes[0], numeric, strict=True):
+    cols = min(4, len(numeric))
+    rows_ = math.ceil(len(numeric) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3.2 * rows_), squeeze=False)
+    for ax in axes.flat[len(numeric):]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.flat, numeric, strict=False):
         for state, marker in (("completed", "o"), ("stopped early", "x")):
             points = [(r[column], r[METRIC]) for r in scored if r["state"] == state and r.get(column) is not None]
             if points:
@@ -140,7 +146,10 @@ def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path) -> Pat
             dist = sweep.space.task_weights.get("default")
         if dist is not None and dist.kind == "loguniform":
             ax.set_xscale("log")
-        ax.set_xlabel(column)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a range within a decade labels every minor tick
+        ax.set_xlabel(column.removeprefix("model.task_weights.").removeprefix("model.").removeprefix("optim."))
+        if column.startswith(f"{TASK_WEIGHTS}."):
+            ax.set_xlabel(f"weight of {ax.get_xlabel()}")
         ax.set_ylabel(METRIC)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
