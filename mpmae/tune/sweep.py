@@ -97,18 +97,6 @@ def prepare_sweep(config: SweepConfig, base: dict[str, Any] | None = None) -> Sw
     return sweep
 
 
-class _CountingReportCallback(TuneReportCallback):
-    """TuneReportCallback that counts what it forwarded."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reports = 0
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        super().after_report(run_context, metrics, checkpoint)
-        self.reports += 1
-
-
 def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
     """The Tune driver function of one trial: a pretraining run of ``base`` with the trial's ``params``."""
     from mpmae.train.trainer import build_trainer, describe_data
@@ -117,11 +105,21 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
     data["run"].update(name=ray.tune.get_context().get_trial_id(), storage_path=trials_dir)
     config = from_dict(PretrainConfig, data)
     config.validate()
-    callback = _CountingReportCallback()
-    result = build_trainer(config, describe_data(config), callbacks=[callback]).fit()
-    if callback.reports == 0 and result.metrics:
-        # restored after its last report: hand Tune the run's final metrics again
-        ray.tune.report(dict(result.metrics))
+    finished = _finished_run_metrics(Path(trials_dir) / config.run.name, config.optim.epochs)
+    if finished is not None:  # restored after its last checkpoint: Train would report nothing
+        ray.tune.report(finished)
+        return
+    build_trainer(config, describe_data(config), callbacks=[TuneReportCallback()]).fit()
+
+
+def _finished_run_metrics(run_folder: Path, epochs: int) -> dict[str, Any] | None:
+    """The last report of a Train run that already checkpointed its final epoch, else None."""
+    from mpmae.train.checkpoint import load_checkpoint
+
+    if not any(run_folder.glob("epoch-*")):
+        return None
+    payload = load_checkpoint(run_folder)
+    return dict(payload["history"][-1]) if payload["epoch"] >= epochs else None
 
 
 def _trainable(sweep: Sweep) -> Any:

@@ -125,3 +125,19 @@ def test_data_must_hold_every_candidate_target(synth: Path, tmp_path: Path) -> N
     ok = prepare_sweep(_sweep(synth, tmp_path / "runs"))
     assert ok.base["data"]["path"] == str(synth.resolve()) and ok.base["probe"]["task"] == "land_cover"
     assert ok.space.searched == ["model.mask_ratio", "model.loss", "optim.blr"]
+
+
+def test_a_trial_restored_after_its_final_checkpoint_reports_its_last_epoch_again(tmp_path: Path) -> None:
+    """Train would report nothing for a run that already checkpointed its last epoch; Tune still needs a result."""
+    from mpmae.train.checkpoint import atomic_save
+    from mpmae.tune.sweep import _finished_run_metrics
+
+    run = tmp_path / "trial"
+    assert _finished_run_metrics(run, epochs=2) is None
+    history = [{"epochs_done": 1, "probe_score": 0.4}, {"epochs_done": 2, "probe_score": 0.5}]
+    for epoch in (1, 2):
+        (run / f"epoch-{epoch:04d}").mkdir(parents=True)
+        atomic_save({"model": {}, "config": {}, "epoch": epoch, "step": 4 * epoch, "history": history[:epoch]},
+                    run / f"epoch-{epoch:04d}" / "state.pt")
+    assert _finished_run_metrics(run, epochs=2) == {"epochs_done": 2, "probe_score": 0.5}
+    assert _finished_run_metrics(run, epochs=3) is None  # unfinished: Train resumes and reports the rest
