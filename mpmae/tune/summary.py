@@ -132,8 +132,8 @@ def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path) -> Pat
     if not numeric or not scored:
         return None
     cols = min(4, len(numeric))
-    rows_ = math.ceil(len(numeric) / cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3.2 * rows_), squeeze=False)
+    grid_rows = math.ceil(len(numeric) / cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(4 * cols, 3.2 * grid_rows), squeeze=False)
     for ax in axes.flat[len(numeric):]:
         ax.set_visible(False)
     for ax, column in zip(axes.flat, numeric, strict=False):
