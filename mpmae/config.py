@@ -101,14 +101,17 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """The mapping in a YAML config file (empty for an empty file), with an error naming the file."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from None
+
+
 def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequence[str] = ()) -> T:
     """Load ``cls`` from an optional YAML file plus overrides, then run its ``validate()`` if any."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read the config ({err})") from None
+    data = read_config_file(path) if path is not None else {}
     config = from_dict(cls, apply_overrides(data, overrides))
     validate = getattr(config, "validate", None)
     if validate is not None:

@@ -11,7 +11,6 @@ with matplotlib's Agg canvas directly (no pyplot state, no display) and every fi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
+from mpmae.atomic import atomic_write, atomic_write_json
 from mpmae.config import PretrainConfig, from_dict
 from mpmae.data.loaders import to_batch
 from mpmae.data.mmearth import MMEarthDataset
 from mpmae.losses import NORM_PIX_EPS, patchify
 from mpmae.modalities import IMAGE_TASKS, MODALITIES, Selection
 from mpmae.models.mpmae import INPUT_MODALITY, MPMAE, MPMAEOutput, random_mask
-from mpmae.train.checkpoint import atomic_write_json, load_checkpoint
+from mpmae.train.checkpoint import load_checkpoint
 from mpmae.train.worker import build_model
 
 #: Sentinel-2 bands shown as red, green, blue.
@@ -165,10 +165,7 @@ def _new_figure(rows: int, cols: int, size: float = 2.2) -> tuple[Figure, np.nda
 
 def _save(figure: Figure, path: Path) -> Path:
     """Write a PNG under a temporary name, then rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def _draw(ax: Axes, task: str, image: np.ndarray, target: np.ndarray, input_rgb: list[int]) -> None:

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from mpmae.atomic import atomic_write, atomic_write_text
 from mpmae.data.mmearth import Batch, MMEarthDataset
 from mpmae.modalities import MODALITIES, Modality, Selection, get_modality
 
@@ -212,17 +213,6 @@ def find_shards(source: Path | str | Sequence[Path | str], split: str = "train",
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``<path>.tmp`` and rename when complete; remove the partial file on failure."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _blocks(positions: range, block_rows: int) -> Iterator[np.ndarray]:
     for start in range(positions.start, positions.stop, block_rows):
         yield np.arange(start, min(start + block_rows, positions.stop))
@@ -297,7 +287,7 @@ def _write_ffcv(dataset: MMEarthDataset, positions: range, path: Path, progress:
 
 
 def _write_json(path: Path, content: Mapping[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=1)))
+    atomic_write_text(path, json.dumps(content, indent=1))
 
 
 def _check_ffcv_names(selection: Iterable[str]) -> None:
@@ -357,7 +347,7 @@ def write_shards(
         for index in range(count):
             positions = range(index * tiles_per_shard, min(len(dataset), (index + 1) * tiles_per_shard))
             path = out / shard_name(split, index, count, format)
-            _atomic_write(path, lambda tmp, p=positions: write(p, tmp, bar))
+            atomic_write(path, lambda tmp, p=positions: write(p, tmp, bar))
             written.append(path)
     for stale in set(old) - set(written):
         stale.unlink()

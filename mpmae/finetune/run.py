@@ -18,13 +18,14 @@ import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from mpmae.atomic import atomic_write_json
 from mpmae.config import ConfigError, FinetuneRunConfig, from_dict, is_uri, to_dict
 from mpmae.data.geobench import GeoBenchDataset, get_task
 from mpmae.finetune.encoder import encoder_from
 from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate
 from mpmae.finetune.probe import linear_probe
 from mpmae.models.unet import UNet
-from mpmae.train.checkpoint import atomic_save, atomic_write_json
+from mpmae.train.checkpoint import atomic_save
 from mpmae.train.worker import report_with_checkpoint
 
 STATE_FILE = "finetune.pt"

@@ -9,8 +9,6 @@ loadable by ``torch.load`` without mpmae) and ``model_card.json``.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mpmae.atomic import atomic_write, atomic_write_json
 
 STATE_FILE = "state.pt"
 ENCODER_FILE = "encoder.pt"
@@ -35,18 +35,8 @@ class TrainState:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, content: Any, **dumps_kwargs: Any) -> Path:
-    """JSON to a temporary name, then rename, as :func:`atomic_save` does for tensors."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, **dumps_kwargs))
-    os.replace(tmp, path)
-    return path
+    """``torch.save``, atomically: a crash never leaves a half-written checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(

@@ -10,14 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mpmae.train.checkpoint import atomic_write_json, export_encoder, resolve_checkpoint
+from mpmae.atomic import atomic_write, atomic_write_json, atomic_write_text
+from mpmae.train.checkpoint import export_encoder, resolve_checkpoint
 from mpmae.tune.space import TASK_WEIGHTS, apply_params
 from mpmae.tune.sweep import METRIC, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 
@@ -73,7 +73,7 @@ def summarize(sweep: Sweep, results: Any) -> dict[str, Any]:
     folder = sweep.folder
     print(format_rows(rows, columns))
     atomic_write_json(folder / "trials.json", rows, default=str)
-    _atomic_write_text(folder / "trials.csv", _csv(rows, columns))
+    atomic_write_text(folder / "trials.csv", _csv(rows, columns))
     plot_scores(rows, sweep, folder / "probe_score.png")
     best = best_row(rows)
     summary: dict[str, Any] = {"folder": str(folder), "trials": rows, "best": best}
@@ -92,12 +92,6 @@ def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_best_config(sweep: Sweep, best: dict[str, Any], path: Path) -> Path:
     """The best trial's pretraining config, ready for ``mpmae pretrain --config``: the full budget, the
     base config's storage, and a run name of its own."""
@@ -106,7 +100,7 @@ def write_best_config(sweep: Sweep, best: dict[str, Any], path: Path) -> Path:
     config["run"]["name"] = f"{sweep.config.name}-best"
     header = (f"# Best trial {best['trial_id']} of sweep {sweep.config.name}: {METRIC} {best[METRIC]:.4f} "
               f"after {best['epochs_run']} of {sweep.epochs} epochs.\n")
-    _atomic_write_text(path, header + yaml.safe_dump(yaml_ready(config), sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump(yaml_ready(config), sort_keys=False))
     return path
 
 
@@ -155,8 +149,6 @@ def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path) -> Pat
     axes[0][0].legend()
     fig.suptitle(f"sweep {sweep.config.name}: last probe score of each trial")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -23,7 +23,8 @@ import ray.tune
 import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mpmae.config import ConfigError, PretrainConfig, SweepConfig, from_dict, to_dict
+from mpmae.atomic import atomic_write_text
+from mpmae.config import ConfigError, PretrainConfig, SweepConfig, from_dict, read_config_file, to_dict
 from mpmae.tune.space import SearchSpace, apply_params, candidate_configs, parse_search_space
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _base_config(config: SweepConfig) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(config.base).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"base: cannot read the pretraining config {config.base} ({err})") from None
+        data = read_config_file(config.base)
+    except ConfigError as err:
+        raise ConfigError(f"base: {err}") from None
     base = from_dict(PretrainConfig, _merge(data, config.pretrain))
     base.validate()
     if base.probe.task is None:
@@ -170,7 +171,7 @@ def build_tuner(sweep: Sweep) -> ray.tune.Tuner:
 def _write_sweep_file(sweep: Sweep) -> None:
     sweep.folder.mkdir(parents=True)
     content = {"sweep": to_dict(sweep.config), "base": sweep.base}
-    (sweep.folder / SWEEP_FILE).write_text(yaml.safe_dump(yaml_ready(content), sort_keys=False))
+    atomic_write_text(sweep.folder / SWEEP_FILE, yaml.safe_dump(yaml_ready(content), sort_keys=False))
 
 
 def yaml_ready(value: Any) -> Any:
