@@ -66,10 +66,10 @@ def torch_trainer(*configs: PretrainConfig) -> list[tuple[float, float]]:
     """(samples/s, data-wait seconds) of the last epoch as each single-worker TorchTrainer reports it."""
     import ray
 
-    from mpmae.train.trainer import pretrain
+    from mpmae.train.trainer import ensure_ray, pretrain
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=True, object_store_memory=400 * 1024**2, log_to_driver=False)
+    ensure_ray(object_store_memory=400 * 1024**2, log_to_driver=False)
     try:
         metrics = [pretrain(config).metrics for config in configs]
         return [(float(m["samples_per_s"]), float(m["data_wait_s"])) for m in metrics]

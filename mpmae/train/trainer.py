@@ -118,8 +118,9 @@ def norm_stats(source: DataSource) -> dict[str, Any]:
     return out
 
 
-def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` when set, else start the embedded local instance.
+def ensure_ray(**local_init: Any) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start the embedded local instance (``local_init``: more
+    ``ray.init`` arguments for it).
 
     ``address="local"`` always starts a new instance: auto-discovery could join a stale or unrelated one.
     """
@@ -129,7 +130,8 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address)
         return
-    context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=True)
+    context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=True,
+                       **local_init)
     _record_current_cluster(context.address_info["gcs_address"])
 
 
