@@ -1,12 +1,42 @@
-"""The `mpmae` command line: parse arguments, call the library, print. No logic of its own."""
+"""The `mpmae` command line: parse arguments, call the library, print.
+
+Errors a user can fix (a bad key, file or path, a full disk, a refused permission) end in one line on
+stderr, not a traceback: bad input exits 2, a full disk or a refused permission exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+DESCRIPTION = """\
+Pretrain the MMEarth Multi-Pretext Masked Autoencoder (MP-MAE) on Ray, and evaluate it.
+
+mpmae checks and converts MMEarth data folders, pretrains a ConvNeXt V2 encoder on Ray Train (one machine
+or a cluster), exports the encoder with a model card, probes or fine-tunes it on GEO-Bench tasks, and
+sweeps pretraining configs with Ray Tune, ranked by a probe score."""
+
+EPILOG = """\
+typical workflow:
+  mpmae synth runs/demo-data --tiles 200      a small synthetic MMEarth folder (or use real MMEarth data)
+  mpmae inspect runs/demo-data                check a folder and print a summary
+  mpmae shard runs/demo-data runs/shards      optional: Parquet or FFCV shards for faster loading
+  mpmae pretrain --config configs/demo.yaml   pretrain; key=value overrides follow, e.g. optim.epochs=10
+  mpmae export runs/demo runs/demo-export     the encoder and its model card
+  mpmae probe --checkpoint runs/demo-export --task land_cover --data runs/demo-data
+  mpmae finetune --config configs/linear_probe_so2sat.yaml encoder=runs/demo-export
+  mpmae tune --config configs/tune_demo.yaml  a Ray Tune sweep of pretraining configs
+
+environment:
+  RAY_ADDRESS    the Ray cluster to join; unset, pretrain/finetune/tune start a local instance
+  GEO_BENCH_DIR  the GEO-Bench root, for probe and finetune tasks other than land_cover
+  GRAFANA_TOKEN  a Grafana service account token, for `mpmae dashboards provision`
+
+`mpmae COMMAND --help` lists a command's options. Bad input exits 2 with one line naming the key or file."""
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -42,10 +72,11 @@ def _shard(args: argparse.Namespace) -> None:
 
 def _pretrain(args: argparse.Namespace) -> None:
     from mpmae.config import PretrainConfig, load_config
+
+    config = load_config(PretrainConfig, args.config, args.overrides)  # before Ray is imported: fails fast
     from mpmae.train.trainer import pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = load_config(PretrainConfig, args.config, args.overrides)
     result = pretrain(config)
     print(f"run finished: {result.path}")
     if result.checkpoint is not None:
@@ -68,10 +99,12 @@ def _visualize(args: argparse.Namespace) -> None:
 
 def _finetune(args: argparse.Namespace) -> None:
     from mpmae.config import FinetuneRunConfig, load_config
+
+    config = load_config(FinetuneRunConfig, args.config, args.overrides)
     from mpmae.finetune.run import finetune, format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    results = finetune(load_config(FinetuneRunConfig, args.config, args.overrides))
+    results = finetune(config)
     print(format_table([results], ["task", "mode", "encoder", "selected_epoch", "val_metric", "test_metric"]))
 
 
@@ -118,12 +151,13 @@ def _dashboards_render(args: argparse.Namespace) -> int:
 def _dashboards_provision(args: argparse.Namespace) -> int:
     from mpmae.dashboards import cli_provision
 
-    return cli_provision(args.url, args.folder)
+    return cli_provision(args.url, args.folder, insecure=args.insecure)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `mpmae` subcommand."""
-    parser = argparse.ArgumentParser(prog="mpmae", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mpmae", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect = commands.add_parser("inspect", help="validate an MMEarth folder and print a summary")
@@ -136,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--tiles", type=int, required=True)
     synth.add_argument("--size", type=int, choices=(64, 128), default=64)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace a folder mpmae synth wrote (refuses one holding anything else)")
     synth.set_defaults(run=_synth)
 
     shard = commands.add_parser("shard", help="convert a folder into Parquet or FFCV training shards")
@@ -204,19 +239,42 @@ def build_parser() -> argparse.ArgumentParser:
         "provision", help="create or update the dashboards through Grafana's API (token: $GRAFANA_TOKEN)")
     provision.add_argument("--url", required=True, help="Grafana's base URL")
     provision.add_argument("--folder", default="mpmae", help="Grafana folder (default mpmae)")
+    provision.add_argument("--insecure", action="store_true",
+                           help="allow http:// to a host that is not loopback (the token travels in clear text)")
     provision.set_defaults(run=_dashboards_provision)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `mpmae` console script; bad input exits 2 with the error, not a traceback."""
+    """Entry point of the `mpmae` console script: one line on stderr instead of a traceback for bad input
+    (exit 2), a full disk or a refused permission (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
         status = args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"mpmae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        message = environment_error(err)
+        if message is None:
+            raise
+        print(f"mpmae {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return status or 0
+
+
+def environment_error(err: BaseException) -> str | None:
+    """One line for a full disk or a refused permission anywhere in ``err``'s chain (Ray wraps a worker's
+    error in its own), naming the path; None for anything else."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, PermissionError) or (isinstance(current, OSError) and current.errno == errno.ENOSPC):
+            reason = "permission denied" if isinstance(current, PermissionError) else "no space left on device"
+            return f"{current.filename}: {reason}" if current.filename is not None else f"{reason} ({current})"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ worker starts, so a typo never costs a cluster start-up.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 from collections.abc import Mapping, Sequence
@@ -21,6 +23,88 @@ _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 class ConfigError(ValueError):
     """A configuration key, value or combination is invalid; the message starts with the key's path."""
+
+
+# -- names, ranges and storage ------------------------------------------------------------------------------
+
+MAX_NAME = 128
+_SAFE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._=+-]{{0,{MAX_NAME - 1}}}")
+_SAFE_NAME_PART = re.compile(r"[A-Za-z0-9._=+-]{0,64}")
+
+
+def check_name(value: str, key: str) -> str:
+    """``value`` if it is safe as one folder name under a storage path, else a ConfigError naming ``key``.
+
+    Run, sweep and trial names are joined to a storage folder: ``../x`` or ``/etc/cron.d`` would write
+    elsewhere, a leading dot would hide the folder. Ray Tune's trial ids (``1a2b3_00000``) pass.
+    """
+    if ".." in value or not _SAFE_NAME.fullmatch(value):
+        raise ConfigError(f"{key}: {_shown(value)} is not a safe name: use letters, digits and ._=+- "
+                          f"(a letter or digit first, no '..'), at most {MAX_NAME} characters")
+    return value
+
+
+def _check_default_name_part(part: str, key: str) -> None:
+    """Default run names embed the name of a folder the user chose (data, encoder): it must keep them safe."""
+    if ".." in part or not _SAFE_NAME_PART.fullmatch(part):
+        raise ConfigError(f"{key}: the folder name {_shown(part)} goes into the default run name and would make "
+                          "it unsafe (letters, digits and ._=+- only, no '..', at most 64 characters); set run.name")
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """A bounded repr for error messages."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """The valid values of a numeric key; non-finite values are never inside."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low < value if self.open_low else self.low <= value
+        below = value < self.high if self.open_high else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"must be {'>' if self.open_low else '>='} {self.low:g}"
+        return (f"must lie in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.open_high else ']'}")
+
+
+POSITIVE = Interval(0.0, open_low=True)
+NON_NEGATIVE = Interval(0.0)
+AT_LEAST_1 = Interval(1.0)
+FRACTION = Interval(0.0, 1.0, open_high=True)  # [0, 1)
+
+
+def _check_ranges(section: Any, prefix: str, ranges: Mapping[str, Interval]) -> None:
+    """Every key of ``ranges`` in ``section`` (None: unset, skipped) lies in its interval."""
+    for key, interval in ranges.items():
+        value = getattr(section, key)
+        if value is not None and value not in interval:
+            raise ConfigError(f"{prefix}{key}: {value!r} {interval}")
+
+
+def check_storage(path: str, key: str) -> None:
+    """A local storage path is a folder, or can become one, that this process may write; URIs pass.
+
+    Checked before Ray starts: Ray would otherwise fail in its workers with a long ``NotADirectoryError``.
+    """
+    if is_uri(path):
+        return
+    folder = Path(path).resolve()
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies under {existing}, which is a file"
+        raise ConfigError(f"{key}: {path} {where}; expected a folder (or a path where one can be made)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path}: {existing} is not writable by this user")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
@@ -86,27 +170,46 @@ def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    """Apply ``a.b=value`` overrides (values parsed as plain YAML: no tags) to a nested dict, in place."""
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
-            raise ConfigError(f"{override!r}: overrides look like section.key=value")
+            raise ConfigError(f"{_shown(override)}: overrides look like section.key=value")
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a section left empty in the YAML file reads as null
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: the override's value {_shown(raw)} is not plain YAML "
+                              f"({_yaml_problem(err)})") from None
     return data
 
 
 def read_config_file(path: Path | str) -> dict[str, Any]:
     """The mapping in a YAML config file (empty for an empty file), with an error naming the file."""
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read the config ({err})") from None
+        content = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: cannot read the config ({_yaml_problem(err)})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(content).__name__}")
+    return content
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what went wrong and where (PyYAML's own text spans several lines)."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def load_config(cls: type[T], path: Path | str | None = None, overrides: Sequence[str] = ()) -> T:
@@ -193,6 +296,8 @@ class RunConfig:
     max_failures: int = 2
     max_nonfinite_steps: int = 10
     log_every_steps: int = 20
+    #: On a cluster that can add nodes, how long the driver waits for the resources a run asks for.
+    resource_wait_s: float = 600.0
 
     @property
     def storage(self) -> str:
@@ -236,47 +341,86 @@ class PretrainConfig:
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
-        """Cross-field checks that need no data; :func:`mpmae.train.trainer.check_data` does the rest."""
-        from mpmae.modalities import resolve_selection, tasks_of
-        from mpmae.models.convnextv2 import VARIANTS
+        """Cross-field checks that need no data; :func:`mpmae.train.trainer.check_data` does the rest.
 
+        Ranges come first, so that no later check divides by a zero or compares a NaN.
+        """
         model, optim, run, data = self.model, self.optim, self.run, self.data
-        if model.arch not in VARIANTS:
-            raise ConfigError(f"model.arch: {model.arch!r} is not one of {sorted(VARIANTS)}")
-        if model.patch_size not in (8, 16, 32):
-            raise ConfigError(f"model.patch_size: {model.patch_size} is not one of [8, 16, 32]")
-        if data.crop_size % model.patch_size:
-            raise ConfigError(
-                f"data.crop_size: {data.crop_size} is not divisible by model.patch_size {model.patch_size}"
-            )
-        if not 0.0 < model.mask_ratio < 1.0:
-            raise ConfigError(f"model.mask_ratio: {model.mask_ratio} must lie strictly between 0 and 1")
-        try:
-            selection = resolve_selection(model.targets)
-        except ValueError as err:
-            raise ConfigError(f"model.targets: {err}") from None
-        if "sentinel2" not in selection:
-            raise ConfigError("model.targets: must include sentinel2, the encoder input")
-        _check_task_weights(model, tasks_of(selection))
+        _check_ranges(data, "data.", {"crop_size": AT_LEAST_1, "loader_workers": NON_NEGATIVE})
+        _check_ranges(self.probe, "probe.", {"every_epochs": AT_LEAST_1, "epochs": AT_LEAST_1})
+        _check_optim(optim)
+        _check_run(run, Path(data.path).name, "data.path")
+        _check_model(model, data)
         if optim.batch_size % run.num_workers:
             raise ConfigError(
                 f"optim.batch_size: {optim.batch_size} is not divisible by run.num_workers {run.num_workers}"
             )
-        for key in ("batch_size", "accum_steps", "epochs"):
-            if getattr(optim, key) < 1:
-                raise ConfigError(f"optim.{key}: must be at least 1")
-        if not 0 <= optim.warmup_epochs <= optim.epochs:
-            raise ConfigError(f"optim.warmup_epochs: {optim.warmup_epochs} must lie in [0, optim.epochs]")
-        if run.num_workers < 1 or run.cpus_per_worker <= 0:
-            raise ConfigError("run.num_workers and run.cpus_per_worker must be positive")
         _check_probe(self.probe, data)
+        check_storage(run.storage_path, "run.storage_path")
+
+
+_OPTIM_RANGES = {"batch_size": AT_LEAST_1, "accum_steps": AT_LEAST_1, "epochs": AT_LEAST_1, "blr": POSITIVE,
+                 "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "clip_grad": POSITIVE}
+_RUN_RANGES = {"num_workers": AT_LEAST_1, "cpus_per_worker": POSITIVE, "seed": NON_NEGATIVE,
+               "keep_checkpoints": AT_LEAST_1, "max_failures": NON_NEGATIVE, "max_nonfinite_steps": NON_NEGATIVE,
+               "log_every_steps": AT_LEAST_1, "resource_wait_s": NON_NEGATIVE}
+
+
+def _check_optim(optim: OptimConfig) -> None:
+    _check_ranges(optim, "optim.", _OPTIM_RANGES)
+    if len(optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two values (AdamW's beta1, beta2), got {len(optim.betas)}")
+    for i, beta in enumerate(optim.betas):
+        if beta not in FRACTION:
+            raise ConfigError(f"optim.betas[{i}]: {beta!r} {FRACTION}")
+    if not 0 <= optim.warmup_epochs <= optim.epochs:
+        raise ConfigError(f"optim.warmup_epochs: {optim.warmup_epochs} must lie in [0, optim.epochs]")
+    _check_min_lr(optim.min_lr, optim.lr, "optim.")
+
+
+def _check_min_lr(min_lr: float, lr: float, prefix: str) -> None:
+    if min_lr > lr:
+        raise ConfigError(f"{prefix}min_lr: {min_lr:g} exceeds the peak learning rate {lr:g} (from {prefix}blr): "
+                          "the cosine schedule would rise")
+
+
+def _check_run(run: RunConfig, default_part: str, default_key: str) -> None:
+    """Ranges and the run name; ``default_part`` is the user's folder name a default run name would embed."""
+    _check_ranges(run, "run.", _RUN_RANGES)
+    if run.name is not None:
+        check_name(run.name, "run.name")
+    else:
+        _check_default_name_part(default_part, default_key)
+
+
+def _check_model(model: ModelConfig, data: DataConfig) -> None:
+    from mpmae.modalities import resolve_selection, tasks_of
+    from mpmae.models.convnextv2 import VARIANTS
+
+    if model.arch not in VARIANTS:
+        raise ConfigError(f"model.arch: {model.arch!r} is not one of {sorted(VARIANTS)}")
+    if model.patch_size not in (8, 16, 32):
+        raise ConfigError(f"model.patch_size: {model.patch_size} is not one of [8, 16, 32]")
+    if data.crop_size % model.patch_size:
+        raise ConfigError(
+            f"data.crop_size: {data.crop_size} is not divisible by model.patch_size {model.patch_size}"
+        )
+    if not 0.0 < model.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio: {model.mask_ratio} must lie strictly between 0 and 1")
+    # depth 0: the heads read the projected encoder features directly
+    _check_ranges(model, "model.", {"decoder_dim": AT_LEAST_1, "decoder_depth": NON_NEGATIVE})
+    try:
+        selection = resolve_selection(model.targets)
+    except ValueError as err:
+        raise ConfigError(f"model.targets: {err}") from None
+    if "sentinel2" not in selection:
+        raise ConfigError("model.targets: must include sentinel2, the encoder input")
+    _check_task_weights(model, tasks_of(selection))
 
 
 def _check_probe(probe: ProbeConfig, data: DataConfig) -> None:
     if probe.task is None:
         return
-    if probe.every_epochs < 1 or probe.epochs < 1:
-        raise ConfigError("probe.every_epochs and probe.epochs must be at least 1")
     if probe.task == "land_cover":
         if probe.data is None and data.format != "mmearth":
             raise ConfigError("probe.data: the land_cover probe needs an MMEarth folder when data.format is "
@@ -301,9 +445,9 @@ def _check_task_weights(model: ModelConfig, tasks: list[str]) -> None:
     unknown = sorted(set(weights) - set(tasks))
     if unknown:
         raise ConfigError(f"model.task_weights: {unknown} are not pretext tasks of model.targets {tasks}")
-    negative = sorted(t for t, w in weights.items() if w < 0)
+    negative = sorted(t for t, w in weights.items() if w not in NON_NEGATIVE)
     if negative:
-        raise ConfigError(f"model.task_weights: weights of {negative} are negative")
+        raise ConfigError(f"model.task_weights: weights of {negative} are negative or not finite")
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
@@ -342,20 +486,35 @@ class FinetuneRunConfig:
         return self.blr * self.batch_size / 256
 
     def validate(self) -> None:
+        """Every key checked before Ray starts; the GEO-Bench files are checked by :func:`finetune`."""
         from mpmae.data.geobench import get_task
+        from mpmae.models.convnextv2 import VARIANTS
 
+        _check_ranges(self, "", _FINETUNE_RANGES)
+        for key in ("warmup_epochs", "freeze_epochs"):
+            if getattr(self, key) > self.epochs:
+                raise ConfigError(f"{key}: {getattr(self, key)} must lie in [0, epochs {self.epochs}]")
+        _check_min_lr(self.min_lr, self.lr, "")
+        _check_run(self.run, "random" if self.encoder is None else Path(self.encoder).name, "encoder")
         try:
             get_task(self.task)
         except ValueError as err:
             raise ConfigError(f"task: {err}") from None
+        if self.arch not in VARIANTS:
+            raise ConfigError(f"arch: {self.arch!r} is not one of {sorted(VARIANTS)}")
+        if self.patch_size not in (8, 16, 32):
+            raise ConfigError(f"patch_size: {self.patch_size} is not one of [8, 16, 32]")
         if self.batch_size % self.run.num_workers:
             raise ConfigError(
                 f"batch_size: {self.batch_size} is not divisible by run.num_workers {self.run.num_workers}"
             )
-        if self.epochs < 1 or not 0 <= self.freeze_epochs <= self.epochs:
-            raise ConfigError("epochs: must be >= 1, and freeze_epochs must lie in [0, epochs]")
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ConfigError(f"smoothing: {self.smoothing} must lie in [0, 1)")
+        check_storage(self.run.storage_path, "run.storage_path")
+
+
+_FINETUNE_RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "blr": POSITIVE, "min_lr": NON_NEGATIVE,
+                    "warmup_epochs": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+                    "layer_decay": Interval(0.0, 1.0, open_low=True), "drop_path": FRACTION, "smoothing": FRACTION,
+                    "freeze_epochs": NON_NEGATIVE}
 
 
 # -- Ray Tune sweeps ----------------------------------------------------------------------------------------
@@ -399,15 +558,15 @@ class SweepConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
 
     def validate(self) -> None:
-        for key in ("num_samples", "max_concurrent_trials"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1")
-        if self.scheduler.grace_period < 1 or self.scheduler.reduction_factor <= 1:
-            raise ConfigError("scheduler: grace_period must be >= 1 and reduction_factor > 1")
-        if self.max_failures < 0:
-            raise ConfigError("max_failures: must be >= 0")
+        check_name(self.name, "name")
+        _check_ranges(self, "", {"num_samples": AT_LEAST_1, "max_concurrent_trials": AT_LEAST_1,
+                                 "max_failures": NON_NEGATIVE})
+        _check_ranges(self.search_alg, "search_alg.", {"seed": NON_NEGATIVE})
+        _check_ranges(self.scheduler, "scheduler.", {"grace_period": AT_LEAST_1,
+                                                     "reduction_factor": Interval(1.0, open_low=True)})
         if not self.search:
             raise ConfigError("search: the search space is empty")
         if is_uri(self.storage_path):
             raise ConfigError(f"storage_path: {self.storage_path} is a URI; a sweep writes its tables and exports "
                               "to a filesystem path (on a cluster: a shared mount such as EFS or Filestore)")
+        check_storage(self.storage_path, "storage_path")

@@ -31,7 +31,7 @@ from mpmae.data.mmearth import MMEarthDataset
 from mpmae.losses import NORM_PIX_EPS, patchify
 from mpmae.modalities import IMAGE_TASKS, MODALITIES, Selection
 from mpmae.models.mpmae import INPUT_MODALITY, MPMAE, MPMAEOutput, random_mask
-from mpmae.train.checkpoint import load_checkpoint
+from mpmae.train.checkpoint import STATE_FILE, find_checkpoint, load_weights
 from mpmae.train.worker import build_model
 
 #: Sentinel-2 bands shown as red, green, blue.
@@ -233,11 +233,11 @@ def image_task_table(output: MPMAEOutput, batch: Mapping[str, Tensor], tasks: Se
 # -- entry points ---------------------------------------------------------------------------------------
 
 
-def load_model(payload: Mapping[str, Any]) -> tuple[MPMAE, PretrainConfig]:
-    """The checkpoint's model in eval mode on the CPU, and its run config."""
+def load_model(payload: Mapping[str, Any], file: Path | str = STATE_FILE) -> tuple[MPMAE, PretrainConfig]:
+    """The checkpoint's model in eval mode on the CPU, and its run config (``file``: the checkpoint, for errors)."""
     config = from_dict(PretrainConfig, payload["config"])
     model = build_model(config)
-    model.load_state_dict(payload["model"])
+    load_weights(model, payload["model"], file)
     return model.eval(), config
 
 
@@ -251,11 +251,11 @@ def _open_split(data: Path | str, split: str, model: MPMAE) -> MMEarthDataset:
     return dataset
 
 
-def _reconstructions(payload: Mapping[str, Any], data: Path | str, out_dir: Path, tiles: int, split: str,
-                     seed: int) -> list[Path]:
+def _reconstructions(checkpoint: tuple[Path, Mapping[str, Any]], data: Path | str, out_dir: Path, tiles: int,
+                     split: str, seed: int) -> list[Path]:
     if tiles < 1:
         raise ValueError(f"tiles must be at least 1, got {tiles}")
-    model, config = load_model(payload)
+    model, config = load_model(checkpoint[1], checkpoint[0])
     dataset = _open_split(data, split, model)
     raw = to_batch(dataset.read_batch(np.arange(min(tiles, len(dataset)))))
     tile_ids = raw.pop("id")
@@ -291,7 +291,7 @@ def write_reconstructions(checkpoint: Path | str, data: Path | str, out_dir: Pat
     first band on the target's 2nd-98th percentile, class maps in a fixed palette (no label black).
     With norm-pix loss the Sentinel-2 predictions are de-normalised with each target patch's mean and std.
     """
-    return _reconstructions(load_checkpoint(checkpoint), data, Path(out_dir), tiles, split, seed)
+    return _reconstructions(find_checkpoint(checkpoint), data, Path(out_dir), tiles, split, seed)
 
 
 def plot_loss_curves(history: Sequence[Mapping[str, float]], out: Path | str) -> Path:
@@ -327,7 +327,7 @@ def plot_loss_curves(history: Sequence[Mapping[str, float]], out: Path | str) ->
 
 def visualize(checkpoint: Path | str, data: Path | str, out_dir: Path | str, tiles: int = 4) -> list[Path]:
     """Everything `mpmae visualize` writes: the loss curves of the run, then the reconstructions."""
-    payload = load_checkpoint(checkpoint)
+    found = find_checkpoint(checkpoint)
     out_dir = Path(out_dir)
-    curves = plot_loss_curves(payload.get("history", []), out_dir / LOSS_CURVES_FILE)
-    return [curves, *_reconstructions(payload, data, out_dir, tiles, "val", 0)]
+    curves = plot_loss_curves(found[1].get("history", []), out_dir / LOSS_CURVES_FILE)
+    return [curves, *_reconstructions(found, data, out_dir, tiles, "val", 0)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mpmae.cli import main
 from mpmae.dashboards import (
     DASHBOARDS,
     DEFAULT_FOLDER,
@@ -29,6 +31,8 @@ from mpmae.dashboards import (
     render_all,
 )
 from mpmae.metrics import METRICS, NODE_GPU_UTILIZATION, NODE_GRAM_USED
+
+PROVISION = importlib.import_module("mpmae.dashboards.provision")  # the package exports a function of that name
 
 REPO = Path(__file__).resolve().parents[1]
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -136,12 +140,15 @@ class FakeGrafana:
     folders: list[dict[str, str]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     fail_dashboards: bool = False
+    # 200 answers of the wrong shape: a JSON value, or bytes sent as they are
+    bodies: dict[str, Any] = field(default_factory=dict)
 
 
 def _handler(state: FakeGrafana) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def _respond(self, status: int, body: Any) -> None:
-            data = json.dumps(body).encode()
+            body = state.bodies.get(f"{self.command} {self.path.split('?')[0]}", body) if status == 200 else body
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -263,3 +270,68 @@ def test_a_missing_token_stops_before_any_request(
     assert cli_provision(grafana.url, "mpmae") == 1
     assert "GRAFANA_TOKEN" in capfd.readouterr().err
     assert grafana.requests == []
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("localhost", True), ("LocalHost.", True),
+    ("::ffff:127.0.0.1", True), ("10.0.0.1", False), ("::2", False), ("grafana.example.com", False),
+    ("localhost.example.com", False), ("127.0.0.1.nip.io", False),
+])
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert PROVISION.is_loopback(host) is loopback
+
+
+def test_plain_http_to_a_remote_host_needs_insecure(
+        grafana: FakeGrafana, token: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stand-in listens on loopback; pretending it does not shows what a remote http URL gets."""
+    monkeypatch.setattr(PROVISION, "is_loopback", lambda host: False)
+    assert cli_provision(grafana.url, "mpmae") == 1
+    output = _assert_not_leaked(token, capfd, caplog)
+    assert f"error: {grafana.url}: plain http would send the token in clear text" in output
+    assert "--insecure" in output and grafana.requests == []
+    assert main(["dashboards", "provision", "--url", grafana.url, "--insecure"]) == 0
+    assert len(grafana.requests) == 4
+    _assert_not_leaked(token, capfd, caplog)
+
+
+@pytest.mark.parametrize(("suffix", "message"), [
+    ("?verify=false", "takes no query string or fragment"),
+    ("/grafana?orgId=1", "takes no query string or fragment"),
+    ("/#frag", "takes no query string or fragment"),
+    (":99999", "the port is not a number"),
+])
+def test_urls_that_would_weaken_tls_or_confuse_the_client_are_refused(
+        grafana: FakeGrafana, token: str, suffix: str, message: str, capfd: pytest.CaptureFixture) -> None:
+    url = grafana.url.rsplit(":", 1)[0] + suffix if suffix.startswith(":") else grafana.url + suffix
+    assert cli_provision(url, "mpmae") == 1
+    assert message in capfd.readouterr().err
+    assert grafana.requests == []
+
+
+def test_credentials_in_the_url_are_refused_and_never_shown(
+        grafana: FakeGrafana, token: str, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    password = f"pw-{secrets.token_hex(8)}"
+    url = grafana.url.replace("http://", f"http://admin:{password}@")
+    assert cli_provision(url, "mpmae") == 1
+    output = _assert_not_leaked(token, capfd, caplog)
+    assert password not in output and "admin" not in output
+    assert f"http://***@127.0.0.1:{url.rsplit(':', 1)[1]}: credentials in the URL are refused" in output
+    assert grafana.requests == []
+
+
+@pytest.mark.parametrize(("endpoint", "body", "message"), [
+    ("GET /api/folders", {"message": "ok"}, "GET api/folders answered with dict, expected a list of folder objects"),
+    ("GET /api/folders", ["mpmae"], "GET api/folders answered with list, expected a list of folder objects"),
+    ("POST /api/folders", {"id": 7}, "POST api/folders answered with dict, expected a folder object with a 'uid'"),
+    ("POST /api/dashboards/db", ["ok"], "POST api/dashboards/db answered with list, expected an object with a 'url'"),
+    ("POST /api/dashboards/db", {"url": 3}, "POST api/dashboards/db answered with dict, expected an object"),
+    ("GET /api/folders", b"<html>login</html>", "the answer is not JSON"),
+])
+def test_a_200_of_the_wrong_shape_names_the_endpoint(
+        grafana: FakeGrafana, token: str, endpoint: str, body: Any, message: str, capfd: pytest.CaptureFixture,
+        caplog: pytest.LogCaptureFixture) -> None:
+    grafana.bodies[endpoint] = body
+    assert cli_provision(grafana.url, "mpmae") == 1
+    output = _assert_not_leaked(token, capfd, caplog)
+    assert output.startswith(f"error: Grafana at {grafana.url}/: {message}") and output.count("\n") == 1

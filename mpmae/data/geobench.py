@@ -9,7 +9,9 @@ HDF5 attribute ``pickle``.
 
 Pickles are code, and the ``geobench`` package that wrote them pins numpy<2, so both pickles are read by
 :class:`GeoBenchUnpickler`, which builds inert stand-ins for the GEO-Bench metadata classes and refuses
-every other global.
+every other global. Every file is untrusted: a band's declared shape, dtype and storage are checked from
+the HDF5 metadata before it is read (the task's image size, data inside the file), a label's type and
+length before it is converted, and error messages describe file-supplied values without ``repr``-ing them.
 
 Items follow the reference loader (spec 5.2): channels picked by band name, z-scored in float64 with the
 task's ``band_stats.json`` (So2Sat: stats divided by 10000), then cast to float32. Channels are named by
@@ -20,7 +22,6 @@ card's) is used as given.
 
 from __future__ import annotations
 
-import ast
 import collections
 import datetime
 import io
@@ -156,6 +157,33 @@ def canonical_band_name(geobench_name: str) -> str | None:
 
 # -- restricted unpickling --------------------------------------------------------------------------
 
+#: How much of a file-supplied string an error message shows.
+_BRIEF = 60
+
+
+def _brief(value: Any) -> str:
+    """A bounded description of a value for an error message: a short repr, else its type and size.
+
+    Pickled values are untrusted: a 170-byte pickle can hold a list whose ``repr`` never ends.
+    """
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"an int of {value.bit_length()} bits"
+    if isinstance(value, str | bytes):
+        return repr(value[:_BRIEF]) + ("..." if len(value) > _BRIEF else "")
+    if isinstance(value, np.ndarray):
+        return f"a numpy array of shape {value.shape} and dtype {value.dtype.str}"
+    if isinstance(value, np.bool_ | np.integer | np.floating):
+        return _brief(value.item())
+    if isinstance(value, np.generic):
+        return f"a numpy {value.dtype.str} scalar"
+    if isinstance(value, GeoBenchObject):
+        return f"a {value.kind} object"
+    if isinstance(value, list | tuple | dict | set | frozenset):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__name__}"
+
 
 class GeoBenchObject:
     """Inert stand-in for a pickled GEO-Bench metadata object: attributes only, no behaviour.
@@ -183,7 +211,7 @@ class GeoBenchObject:
         return type(self).__name__
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if k != "args")
+        fields = ", ".join(f"{k}={_brief(v)}" for k, v in list(self.__dict__.items())[:20] if k != "args")
         return f"{self.kind}({fields})"
 
 
@@ -204,12 +232,38 @@ _STAND_INS: dict[str, type[GeoBenchObject]] = {
 }
 
 
-def _checked_dtype(*args: Any) -> np.dtype:
-    """A dtype that holds no Python objects: numpy restores object arrays by calling pickle itself."""
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError("refusing a numpy object dtype in GEO-Bench metadata")
+def _check_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` when it is a plain bool, integer or float dtype; refuses anything else.
+
+    numpy restores object arrays by calling pickle itself, and a structured dtype's field offsets address
+    memory: GEO-Bench metadata needs neither.
+    """
+    if not isinstance(dtype, np.dtype):
+        raise pickle.UnpicklingError(f"expected a numpy dtype, found {_brief(dtype)}")
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.hasobject or dtype.subdtype is not None:
+        what = "an object dtype" if dtype.hasobject else "not a plain bool, integer or float dtype"
+        raise pickle.UnpicklingError(f"refusing numpy dtype {dtype.str!r} in GEO-Bench metadata ({what})")
     return dtype
+
+
+def _same_plain(value: Any, expected: Any) -> bool:
+    """``value == expected`` for tuples of ints, strings and None, without calling a pickled object's ``==``."""
+    if type(value) is not type(expected):
+        return False
+    if isinstance(expected, tuple):
+        return len(value) == len(expected) and all(map(_same_plain, value, expected))
+    return bool(value == expected)
+
+
+def _checked_dtype(code: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """``numpy.dtype`` for a plain type code such as ``'i8'`` (never a list or dict that builds fields)."""
+    if not isinstance(code, str) or len(code) > 8 or type(align) is not bool or type(copy) is not bool:
+        raise pickle.UnpicklingError(f"refusing numpy dtype built from {_brief(code)}: only type codes such as 'i8'")
+    try:
+        dtype = np.dtype(code, align, copy)
+    except TypeError:
+        raise pickle.UnpicklingError(f"unknown numpy dtype code {code!r}") from None
+    return _check_dtype(dtype)
 
 
 class _NdarrayToken:
@@ -219,18 +273,25 @@ class _NdarrayToken:
 _NDARRAY = _NdarrayToken()
 
 
-def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    if subtype is not _NDARRAY:
-        raise pickle.UnpicklingError("numpy _reconstruct is only allowed for plain numpy.ndarray")
-    return _multiarray._reconstruct(np.ndarray, shape, _checked_dtype(dtype))
+def _reconstruct(subtype: Any, shape: Any, code: Any) -> np.ndarray:
+    """The empty array numpy's pickles start from; its contents come from a checked BUILD."""
+    if subtype is not _NDARRAY or not _same_plain(shape, (0,)) or not _same_plain(code, b"b"):
+        raise pickle.UnpicklingError("numpy _reconstruct is only allowed as numpy pickles an ndarray")
+    return _multiarray._reconstruct(np.ndarray, (0,), b"b")
 
 
 def _scalar(dtype: Any, *args: Any) -> Any:
-    return _multiarray.scalar(_checked_dtype(dtype), *args)
+    return _multiarray.scalar(_check_dtype(dtype), *args)
 
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
-    return _numeric._frombuffer(buffer, _checked_dtype(dtype), shape, order)
+    return _check_array(_numeric._frombuffer(buffer, _check_dtype(dtype), shape, order))
+
+
+def _check_array(array: np.ndarray) -> np.ndarray:
+    """Every array is checked once loaded, whatever built it."""
+    _check_dtype(array.dtype)
+    return array
 
 
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
@@ -251,12 +312,19 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class GeoBenchUnpickler(pickle.Unpickler):
+class GeoBenchUnpickler(pickle._Unpickler):
     """Reads GEO-Bench metadata pickles without the ``geobench`` package and without running their code.
 
-    GEO-Bench classes become :class:`GeoBenchObject` stand-ins; numpy arrays (no object dtype), dates
-    and georeferencing stand-ins are allowed; any other global raises ``pickle.UnpicklingError``.
+    GEO-Bench classes become :class:`GeoBenchObject` stand-ins; numpy arrays of plain numbers, dates and
+    georeferencing stand-ins are allowed; any other global raises ``pickle.UnpicklingError``. It is the
+    pure-Python unpickler, for two reasons: its BUILD (state applied to an object) can be checked, where
+    the C one hands any state to any object's ``__setstate__`` (a numpy dtype's rewrites its fields and
+    flags after the checks above); and its memo is a dict, where the C one allocates up to the largest
+    memo index a pickle names (9 bytes could ask for 64 GB). Metadata pickles are a few KB: about 0.6 ms
+    a sample, against about 5 ms to read the sample's bands.
     """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS:
@@ -264,9 +332,32 @@ class GeoBenchUnpickler(pickle.Unpickler):
         if module in _GEOBENCH_MODULES and name in _GEOBENCH_CLASSES:
             return _STAND_INS[name]
         raise pickle.UnpicklingError(
-            f"refusing to unpickle global {module}.{name}: only GEO-Bench metadata classes, numpy arrays "
-            f"and dates are allowed (pickles are code)"
+            f"refusing to unpickle global {module[:_BRIEF]}.{name[:_BRIEF]}: only GEO-Bench metadata classes, "
+            f"numpy arrays and dates are allowed (pickles are code)"
         )
+
+    def load_build(self) -> None:
+        """BUILD for stand-ins and arrays of checked dtypes only; a dtype takes no state but its own."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, GeoBenchObject):
+            inst.__setstate__(state)
+        elif type(inst) is np.ndarray:
+            if type(state) is not tuple or len(state) != 5:
+                raise pickle.UnpicklingError(f"numpy array state is {_brief(state)}; expected a 5-tuple")
+            _check_dtype(state[2])
+            inst.__setstate__(state)
+            _check_array(inst)
+        elif isinstance(inst, np.dtype):
+            if not _same_plain(state, inst.__reduce__()[2]):
+                raise pickle.UnpicklingError(
+                    f"refusing to change the state (fields, offsets, flags, byte order) of numpy dtype "
+                    f"{inst.str!r}: GEO-Bench metadata holds plain numeric arrays only"
+                )
+        else:
+            raise pickle.UnpicklingError(f"refusing to apply pickled state to {_brief(inst)}")
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def safe_loads(data: bytes) -> Any:
@@ -279,7 +370,7 @@ def _loads_from(path: Path, data: bytes, what: str) -> Any:
     try:
         return safe_loads(data)
     except Exception as err:
-        raise GeoBenchFormatError(f"{path}: cannot read {what}: {err}") from None
+        raise GeoBenchFormatError(f"{path}: cannot read {what}: {str(err)[:300]}") from None
 
 
 def load_task_specs(path: Path | str) -> GeoBenchObject:
@@ -289,7 +380,7 @@ def load_task_specs(path: Path | str) -> GeoBenchObject:
         raise GeoBenchFormatError(f"{path}: missing (expected the pickled GEO-Bench task specifications)")
     specs = _loads_from(path, path.read_bytes(), "pickled task specifications")
     if not isinstance(specs, GeoBenchObject) or specs.kind != "TaskSpecifications":
-        raise GeoBenchFormatError(f"{path}: holds {type(specs).__name__}; expected a TaskSpecifications")
+        raise GeoBenchFormatError(f"{path}: holds {_brief(specs)}; expected a TaskSpecifications")
     return specs
 
 
@@ -315,21 +406,36 @@ class _TaskInfo:
 
 
 def _task_info(folder: Path, task: GeoBenchTask) -> _TaskInfo:
+    """Band and class names from ``task_specs.pkl``, after checking its class count and patch size."""
     path = folder / "task_specs.pkl"
     specs = load_task_specs(path)
     label_type = getattr(specs, "label_type", None)
     n_classes = getattr(label_type, "n_classes", None)
-    if n_classes != task.num_classes:
+    if not _is_int(n_classes) or n_classes != task.num_classes:
         raise GeoBenchFormatError(
-            f"{path}: label type has n_classes={n_classes!r}; task {task.name!r} expects {task.num_classes}"
+            f"{path}: label type has n_classes={_brief(n_classes)}; task {task.name!r} expects {task.num_classes}"
         )
+    patch_size = getattr(specs, "patch_size", None)
+    side = task.image_size
+    square = isinstance(patch_size, list | tuple) and len(patch_size) == 2
+    if patch_size is not None and not (square and all(_is_int(v) and v == side for v in patch_size)):
+        raise GeoBenchFormatError(
+            f"{path}: patch_size is {_values_brief(patch_size)}; task {task.name!r} has {side}x{side} images"
+        )
+    bands_info = getattr(specs, "bands_info", None)
+    if not isinstance(bands_info, list | tuple):
+        raise GeoBenchFormatError(f"{path}: bands_info is {_brief(bands_info)}; expected a list of band infos")
     s2_names: dict[str, str] = {}
-    for info in getattr(specs, "bands_info", None) or []:
-        canonical = canonical_band_name(str(getattr(info, "name", "")))
-        if isinstance(info, GeoBenchObject) and info.kind == "Sentinel2" and canonical:
-            s2_names[canonical] = info.name
+    for info in bands_info:
+        name = getattr(info, "name", None)
+        if isinstance(info, GeoBenchObject) and info.kind == "Sentinel2" and isinstance(name, str):
+            canonical = canonical_band_name(name)
+            if canonical:
+                s2_names[canonical] = name
     names = next((getattr(label_type, a) for a in ("_class_names", "class_names", "class_name")
                   if getattr(label_type, a, None) is not None), None)
+    if names is not None and (not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names)):
+        raise GeoBenchFormatError(f"{path}: class names are {_brief(names)}; expected a list of strings")
     return _TaskInfo(s2_names, tuple(names) if names is not None else None)
 
 
@@ -360,7 +466,7 @@ def _band_stats(folder: Path, task: GeoBenchTask, names: Sequence[str]) -> tuple
         std = entry.get("std") if isinstance(entry, Mapping) else None
         if not isinstance(mean, int | float) or not isinstance(std, int | float) or not std > 0:
             raise GeoBenchFormatError(
-                f"{path}: band {name!r} needs a numeric 'mean' and a positive 'std', found {entry!r:.120}"
+                f"{path}: band {_brief(name)} needs a numeric 'mean' and a positive 'std', found {_brief(entry)}"
             )
         means.append(float(mean))
         stds.append(float(std))
@@ -379,8 +485,11 @@ def _partition_names(folder: Path, partition: str, split: str) -> list[str]:
     key = SPLITS[split]
     names = content.get(key) if isinstance(content, Mapping) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        found = sorted(content) if isinstance(content, Mapping) else type(content).__name__
+        found = [_brief(k) for k in list(content)[:10]] if isinstance(content, Mapping) else _brief(content)
         raise GeoBenchFormatError(f"{path}: expected key {key!r} with a list of sample names; found {found}")
+    unsafe = next((n for n in names if Path(n).name != n or n in ("", ".", "..")), None)
+    if unsafe is not None:
+        raise GeoBenchFormatError(f"{path}: sample name {_brief(unsafe)} is not a plain file name")
     missing = [n for n in names if not (folder / f"{n}.hdf5").is_file()]
     if missing:
         raise GeoBenchFormatError(
@@ -389,31 +498,50 @@ def _partition_names(folder: Path, partition: str, split: str) -> list[str]:
     return names
 
 
-def _sample_metadata(path: Path, h5: h5py.File) -> dict[str, Any]:
-    """The pickled metadata dict of a sample: ``bands_order``, per-band attributes and maybe ``label``."""
+@dataclass(frozen=True)
+class _SampleMeta:
+    """What this reader uses from a sample's pickled metadata, as plain types."""
+
+    datasets: dict[str, str]  # GEO-Bench band name -> HDF5 dataset name
+    label: Any  # the pickled label (classification), unchecked until the task's kind is applied
+
+
+def _pickled_bytes(path: Path, raw: Any) -> bytes:
+    """The bytes whose ``repr`` GEO-Bench stores in attribute ``pickle``, decoded without parsing Python."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    if not isinstance(text, str) or len(text) < 3 or text[:2] not in ("b'", 'b"') or text[-1] != text[1]:
+        raise GeoBenchFormatError(f"{path}: attribute 'pickle' is not the repr of pickled bytes: {_brief(raw)}")
+    try:  # a bytes repr holds ASCII and backslash escapes only
+        return text[2:-1].encode("ascii").decode("unicode_escape").encode("latin-1")
+    except UnicodeError:
+        raise GeoBenchFormatError(f"{path}: attribute 'pickle' is not a valid bytes repr: {_brief(raw)}") from None
+
+
+def _sample_metadata(path: Path, h5: h5py.File) -> _SampleMeta:
+    """The band datasets and label of a sample, from the pickled metadata dict in attribute ``pickle``."""
     raw = h5.attrs.get("pickle")
     if raw is None:
         raise GeoBenchFormatError(f"{path}: missing HDF5 attribute 'pickle' (GEO-Bench sample metadata)")
-    try:
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        data = ast.literal_eval(text)
-    except (ValueError, SyntaxError, UnicodeDecodeError):
-        data = None
-    if not isinstance(data, bytes):
-        raise GeoBenchFormatError(f"{path}: attribute 'pickle' is not the repr of pickled bytes: {raw!r:.80}")
-    meta = _loads_from(path, data, "attribute 'pickle'")
+    meta = _loads_from(path, _pickled_bytes(path, raw), "attribute 'pickle'")
     if not isinstance(meta, dict):
-        raise GeoBenchFormatError(f"{path}: attribute 'pickle' holds {type(meta).__name__}; expected a dict")
-    return meta
+        raise GeoBenchFormatError(f"{path}: attribute 'pickle' holds {_brief(meta)}; expected a dict")
+    return _SampleMeta(_dataset_names(path, h5, meta), meta.get("label"))
 
 
-def _dataset_names(h5: h5py.File, meta: Mapping[str, Any]) -> dict[str, str]:
+def _dataset_names(path: Path, h5: h5py.File, meta: Mapping[str, Any]) -> dict[str, str]:
     """GEO-Bench band name -> HDF5 dataset name (datasets may carry a date suffix); first date wins."""
+    order = meta.get("bands_order")
+    order = list(h5.keys()) if order is None else order
+    if not isinstance(order, list | tuple) or not all(isinstance(d, str) and "/" not in d for d in order):
+        raise GeoBenchFormatError(f"{path}: metadata 'bands_order' is {_brief(order)}; expected a list of names")
     names: dict[str, str] = {}
-    for dataset in meta.get("bands_order", list(h5.keys())):
+    for dataset in order:
         attrs = meta.get(dataset)
         info = attrs.get("band_info") if isinstance(attrs, dict) else None
-        names.setdefault(getattr(info, "name", dataset), dataset)
+        name = getattr(info, "name", dataset)
+        if not isinstance(name, str):
+            raise GeoBenchFormatError(f"{path}: band_info of {_brief(dataset)} has name {_brief(name)}; expected a str")
+        names.setdefault(name, dataset)
     return names
 
 
@@ -489,29 +617,25 @@ class GeoBenchDataset:
             raise ValueError("read_batch needs at least one index")
         if positions.min() < 0 or positions.max() >= len(self):
             raise IndexError(f"indices out of range for the {len(self)} samples of split {self.split!r}")
-        names = [self.sample_names[i] for i in positions]
-        pairs = [self._read_sample(name) for name in names]
-        sizes = {name: p[0].shape[1:] for name, p in zip(names, pairs, strict=True)}
-        if len(set(sizes.values())) > 1:
-            raise GeoBenchFormatError(f"{self.folder}: samples of different sizes cannot be batched: {sizes}")
-        raw = np.stack([p[0] for p in pairs])
+        pairs = [self._read_sample(self.sample_names[i]) for i in positions]
+        raw = np.stack([p[0] for p in pairs])  # every sample is checked to be the task's image size
         # float64 arithmetic, then float32, as the reference does.
         x = ((raw - self._mean64) / self._std64).astype(np.float32)
         return x, np.stack([p[1] for p in pairs])
 
     def _read_sample(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         path = self.folder / f"{name}.hdf5"
+        side = self.task.image_size
         with open_h5(path) as h5:
-            meta = _sample_metadata(path, h5)
-            datasets = _dataset_names(h5, meta)
             try:
-                planes = [_read_2d(path, h5, datasets, band) for band in self.source_bands]
-                label = _read_label(path, h5, meta, datasets, self.task)
-            except OSError as err:  # a corrupt chunk in a file whose header is intact
-                raise GeoBenchFormatError(f"{path}: cannot read band data ({err})") from None
-        shapes = {p.shape for p in planes} | ({label.shape} if label.ndim == 2 else set())
-        if len(shapes) > 1:
-            raise GeoBenchFormatError(f"{path}: bands (and label map) differ in size: {sorted(shapes)}")
+                meta = _sample_metadata(path, h5)
+                planes = [_read_2d(path, h5, meta.datasets, band, side) for band in self.source_bands]
+                if self.task.kind == "segmentation":
+                    label = _label_map(path, _read_2d(path, h5, meta.datasets, "label", side), self.task)
+                else:
+                    label = _classification_label(path, meta.label, self.task)
+            except OSError as err:  # a corrupt chunk or object header in a file whose superblock is intact
+                raise GeoBenchFormatError(f"{path}: cannot read its metadata or band data ({err})") from None
         return np.stack(planes), label
 
 
@@ -526,48 +650,95 @@ def _task_folder(root: Path | str | None, task: GeoBenchTask) -> Path:
     return folder
 
 
-def _read_2d(path: Path, h5: h5py.File, datasets: Mapping[str, str], band: str) -> np.ndarray:
-    """One band (or the label map) of a sample as a 2-D array."""
+def _read_2d(path: Path, h5: h5py.File, datasets: Mapping[str, str], band: str, side: int) -> np.ndarray:
+    """One band (or the label map) of a sample, checked from its HDF5 metadata before any data is read.
+
+    The declared shape must be the task's (side, side), so a few KB of compressed zeros cannot declare
+    gigabytes; the data must be stored in the sample itself, not in another file through an external link,
+    external storage or a virtual dataset.
+    """
     name = datasets.get(band)
-    if name is None or name not in h5:
-        raise GeoBenchFormatError(f"{path}: missing band {band!r}; bands present: {list(datasets)}")
-    data = h5[name][()]
-    if data.ndim != 2:
-        raise GeoBenchFormatError(f"{path}: dataset {name!r} has shape {data.shape}; expected (H, W)")
-    return data
+    link = h5.get(name, getlink=True) if name is not None else None
+    if link is None:
+        present = [_brief(b) for b in list(datasets)[:30]]
+        raise GeoBenchFormatError(f"{path}: missing band {_brief(band)}; bands present: {present}")
+    where = f"{path}: dataset {_brief(name)}"
+    if not isinstance(link, h5py.HardLink):
+        raise GeoBenchFormatError(f"{where} is a link ({type(link).__name__}); expected data stored in this file")
+    dataset = h5[name]
+    if not isinstance(dataset, h5py.Dataset):
+        raise GeoBenchFormatError(f"{where} is a {type(dataset).__name__}; expected a dataset")
+    if dataset.shape != (side, side):
+        raise GeoBenchFormatError(f"{where} has shape {dataset.shape}; the task's images are ({side}, {side})")
+    dtype = dataset.dtype
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise GeoBenchFormatError(f"{where} has dtype {dtype.str!r}; expected bool, integer or float values")
+    layout = dataset.id.get_create_plist()
+    if layout.get_layout() == h5py.h5d.VIRTUAL or layout.get_external_count():
+        raise GeoBenchFormatError(f"{where} keeps its data in another file; expected data stored in this file")
+    if layout.get_layout() == h5py.h5d.CHUNKED and any(c > side for c in layout.get_chunk()):
+        # a chunk is decompressed whole, so it is bounded like the shape
+        raise GeoBenchFormatError(f"{where} has chunks {layout.get_chunk()} larger than its shape {dataset.shape}")
+    return dataset[()]
 
 
-def _read_label(
-    path: Path, h5: h5py.File, meta: Mapping[str, Any], datasets: Mapping[str, str], task: GeoBenchTask
-) -> np.ndarray:
-    """The label as int64: a dataset for segmentation, the metadata's ``label`` otherwise."""
-    if task.kind == "segmentation":
-        label = _read_2d(path, h5, datasets, "label")
-    elif "label" not in meta:
-        raise GeoBenchFormatError(f"{path}: sample metadata has no 'label'")
-    else:
-        label = meta["label"]
-    try:
-        label = np.asarray(label).astype(np.int64)
-    except (TypeError, ValueError):
-        raise GeoBenchFormatError(f"{path}: label {label!r:.80} is not numeric") from None
-    _check_label(path, task, label)
-    return label
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (Python or numpy)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
-def _check_label(path: Path, task: GeoBenchTask, label: np.ndarray) -> None:
+def _is_number(value: Any) -> bool:
+    """A bool, integer or float (Python or numpy), as a label value may be."""
+    return isinstance(value, bool | int | float | np.bool_ | np.integer | np.floating)
+
+
+def _classification_label(path: Path, label: Any, task: GeoBenchTask) -> np.ndarray:
+    """The pickled label as int64, its type and length checked before it is converted.
+
+    Multi-label: ``num_classes`` values 0/1 (a list, tuple or array); multi-class: one class index.
+    """
     n = task.num_classes
-    in_range = bool(label.size) and 0 <= label.min() and label.max() < n
+    if label is None:
+        raise GeoBenchFormatError(f"{path}: sample metadata has no 'label'")
     if task.kind == "multilabel":
-        ok, expected = label.shape == (n,) and bool(np.isin(label, (0, 1)).all()), f"a 0/1 vector of length {n}"
-    elif task.kind == "multiclass":
-        ok, expected = label.shape == () and in_range, f"one class index in 0..{n - 1}"
+        expected = f"{n} values 0/1"
+        if isinstance(label, np.ndarray):
+            ok = label.shape == (n,)
+        else:
+            ok = isinstance(label, list | tuple) and len(label) == n and all(map(_is_number, label))
     else:
-        ok, expected = label.ndim == 2 and in_range, f"an (H, W) map of class indices in 0..{n - 1}"
+        expected = f"one class index in 0..{n - 1}"
+        ok = (isinstance(label, np.ndarray) and label.shape == ()) or _is_number(label)
+    if ok:
+        try:
+            values = np.asarray(label, dtype=np.float64)  # checked above: at most n plain numbers
+        except OverflowError:  # an int beyond float64
+            values = np.full(np.shape(label), np.nan)
+        ok = bool(np.isin(values, (0, 1) if task.kind == "multilabel" else range(n)).all())
     if not ok:
+        raise GeoBenchFormatError(f"{path}: {task.kind} label is {_values_brief(label)}; expected {expected}")
+    return values.astype(np.int64)
+
+
+def _values_brief(value: Any) -> str:
+    """:func:`_brief`, with the values of a short list or array of numbers (the usual mistake is a value)."""
+    if isinstance(value, list | tuple) and len(value) <= 50 and all(map(_is_number, value)):
+        return "[" + ", ".join(map(_brief, value)) + "]"
+    if isinstance(value, np.ndarray) and value.size <= 50:
+        return f"{_brief(value)}: {value.tolist()}"
+    return _brief(value)
+
+
+def _label_map(path: Path, label: np.ndarray, task: GeoBenchTask) -> np.ndarray:
+    """A segmentation map as int64, every value a class index."""
+    n = task.num_classes
+    values = label.astype(np.int64)
+    if not (values == label).all() or values.min() < 0 or values.max() >= n:
         raise GeoBenchFormatError(
-            f"{path}: {task.kind} label of shape {label.shape} ({label!r:.60}) is invalid; expected {expected}"
+            f"{path}: segmentation label holds values in {label.min()}..{label.max()}; expected class indices "
+            f"0..{n - 1}"
         )
+    return values
 
 
 def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

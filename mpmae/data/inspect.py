@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mpmae.data.mmearth import SPLITS, MMEarthDataset, MMEarthFiles, MMEarthFormatError, open_h5
+from mpmae.data.mmearth import SPLITS, MMEarthDataset, MMEarthFiles, MMEarthFormatError, h5_dataset, open_h5
 from mpmae.modalities import MODALITIES, get_modality
 
 
@@ -53,23 +53,17 @@ def inspect_folder(root: Path | str, sample: int = 256) -> FolderSummary:
     with open_h5(files.h5) as h5:
         present = [name for name in MODALITIES if name in h5]
         unknown = sorted(k for k in h5 if k not in MODALITIES and k != "metadata")
-        shapes = {name: (h5[name].shape, str(h5[name].dtype)) for name in present}
+        shapes = {name: (h5_dataset(h5, name).shape, str(h5_dataset(h5, name).dtype)) for name in present}
     if not present:
         raise MMEarthFormatError(f"{files.h5}: holds none of the registry's modalities {sorted(MODALITIES)}")
     datasets = {split: MMEarthDataset(root, split, present) for split in SPLITS}
     train = datasets["train"]
-    all_ids = train.tile_ids(np.arange(train.num_tiles))
-    missing = [tile_id for tile_id in all_ids if tile_id not in train.tile_info]
-    if missing:
-        raise MMEarthFormatError(
-            f"{files.tile_info}: no entry for {len(missing)} tile id(s) of {files.h5.name}, e.g. {missing[:3]}"
-        )
-    levels = Counter(str(train.tile_info[t].get("S2_type", "missing")).lower() for t in all_ids)
+    levels = _s2_levels(train, files)
     largest = max(datasets.values(), key=len)
     positions = np.unique(np.linspace(0, len(largest) - 1, min(sample, len(largest))).astype(np.int64))
     return FolderSummary(
         root=Path(root),
-        num_tiles=len(all_ids),
+        num_tiles=train.num_tiles,
         image_size=train.image_size,
         tiles_per_split={split: len(ds) for split, ds in datasets.items()},
         s2_levels=dict(levels),
@@ -78,6 +72,27 @@ def inspect_folder(root: Path | str, sample: int = 256) -> FolderSummary:
         sampled_tiles=len(positions),
         unknown_datasets=unknown,
     )
+
+
+def _s2_levels(dataset: MMEarthDataset, files: MMEarthFiles, block: int = 65536) -> Counter[str]:
+    """Tiles per processing level over every tile id of the file, read a block at a time (bounded
+    memory); every id must have a tile_info entry."""
+    levels: Counter[str] = Counter()
+    missing: list[str] = []
+    count = 0
+    for start in range(0, dataset.num_tiles, block):
+        for tile_id in dataset.tile_ids(np.arange(start, min(start + block, dataset.num_tiles))):
+            info = dataset.tile_info.get(tile_id)
+            if not isinstance(info, dict):
+                count += 1
+                missing.extend([tile_id] if len(missing) < 3 else [])
+            else:
+                levels[str(info.get("S2_type", "missing")).lower()] += 1
+    if count:
+        raise MMEarthFormatError(
+            f"{files.tile_info}: no entry for {count} tile id(s) of {files.h5.name}, e.g. {missing}"
+        )
+    return levels
 
 
 def _no_data_share(dataset: MMEarthDataset, positions: np.ndarray, block: int = 64) -> dict[str, float]:

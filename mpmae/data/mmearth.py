@@ -26,6 +26,13 @@ from mpmae.modalities import Modality, Selection, class_lookup, get_modality, re
 
 SPLITS = ("train", "val", "test")
 S2_TYPES = ("l1c", "l2a")
+#: Largest tile side accepted from a file's declared shapes (MMEarth tiles are 64 or 128 px): a crafted
+#: shape must give a clear error before a read tries to allocate it.
+MAX_IMAGE_SIDE = 1024
+#: Largest label-map item size: the code -> class table has one entry per possible code.
+MAX_LABEL_ITEMSIZE = 2
+#: Largest metadata row (the real files hold a 100-byte tile id and a 10-byte processing level).
+MAX_METADATA_ITEMSIZE = 4096
 
 Batch = dict[str, Any]
 
@@ -84,6 +91,17 @@ def open_h5(path: Path) -> h5py.File:
         raise MMEarthFormatError(f"{path}: cannot be read as HDF5 (truncated or not an HDF5 file: {err})") from None
 
 
+def h5_dataset(h5: h5py.File, name: str) -> h5py.Dataset:
+    """Dataset ``name`` of an open file; a damaged object header becomes an error naming file and dataset."""
+    try:
+        dataset = h5[name]
+    except (OSError, RuntimeError) as err:
+        raise MMEarthFormatError(f"{h5.filename}: dataset {name!r} cannot be opened (corrupt file: {err})") from None
+    if not isinstance(dataset, h5py.Dataset):
+        raise MMEarthFormatError(f"{h5.filename}: {name!r} is a {type(dataset).__name__}; expected a dataset")
+    return dataset
+
+
 def _index_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """Split sorted, unique rows into maximal runs of consecutive rows, as (start, stop) pairs."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -95,8 +113,21 @@ def _index_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """Read arbitrary rows with one h5 call per run of consecutive rows, returned in ``rows`` order."""
     unique, inverse = np.unique(rows, return_inverse=True)
-    parts = [dataset[start:stop] for start, stop in _index_runs(unique)]
+    parts = [_read_run(dataset, start, stop) for start, stop in _index_runs(unique)]
     return np.concatenate(parts)[inverse]
+
+
+def _read_run(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop``; a damaged chunk (h5py's OSError or RuntimeError) becomes an error naming the
+    file, the dataset and the rows, so that it reads as bad data rather than a passing I/O fault."""
+    try:
+        return dataset[start:stop]
+    except (OSError, RuntimeError) as err:
+        rows = f"row {start}" if stop == start + 1 else f"rows {start}..{stop - 1}"
+        raise MMEarthFormatError(
+            f"{dataset.file.filename}: dataset {dataset.name.lstrip('/')!r}, {rows}: cannot be read "
+            f"(corrupt file: {err})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -129,6 +160,8 @@ class MMEarthDataset:
         self.selection: Selection = resolve_selection(modalities)
         self.files = MMEarthFiles.discover(self.root)
         self.tile_info: dict[str, dict[str, Any]] = _load_json(self.files.tile_info)
+        if not isinstance(self.tile_info, dict):
+            raise MMEarthFormatError(f"{self.files.tile_info}: expected an object keyed by tile id")
         self._h5: h5py.File | None = None
         self._h5_pid: int | None = None
         self.num_tiles = self._validate_h5()
@@ -142,13 +175,20 @@ class MMEarthDataset:
         h5 = self.h5
         if "metadata" not in h5:
             raise MMEarthFormatError(f"{self.files.h5}: missing dataset 'metadata' (tile ids)")
-        num_tiles = h5["metadata"].shape[0]
+        metadata = h5_dataset(h5, "metadata")
+        if metadata.ndim != 1 or metadata.dtype.itemsize > MAX_METADATA_ITEMSIZE:
+            raise MMEarthFormatError(
+                f"{self.files.h5}: dataset 'metadata' has shape {metadata.shape} and "
+                f"{metadata.dtype.itemsize}-byte rows; expected one row per tile of at most "
+                f"{MAX_METADATA_ITEMSIZE} bytes"
+            )
+        num_tiles = metadata.shape[0]
         size: int | None = None
         for name in self.selection:
             modality = get_modality(name)
             if name not in h5:
                 raise MMEarthFormatError(f"{self.files.h5}: missing dataset {name!r}")
-            ds = h5[name]
+            ds = h5_dataset(h5, name)
             expected_ndim = 4 if modality.level == "pixel" else 2
             if ds.ndim != expected_ndim or ds.shape[0] != num_tiles or ds.shape[1] != len(modality.bands):
                 raise MMEarthFormatError(
@@ -157,6 +197,7 @@ class MMEarthDataset:
                     f"for {num_tiles} tiles and bands {list(modality.bands)}"
                 )
             if expected_ndim == 4:
+                _check_side(self.files.h5, name, ds.shape)
                 if ds.shape[2] != ds.shape[3] or (size is not None and ds.shape[2] != size):
                     raise MMEarthFormatError(
                         f"{self.files.h5}: dataset {name!r} has image size {ds.shape[2:]}; expected "
@@ -200,7 +241,7 @@ class MMEarthDataset:
 
     def _s2_levels_present(self) -> list[str]:
         """Processing levels that occur in tile_info: only their Sentinel-2 statistics must exist."""
-        found = {str(info.get("S2_type", "")).lower() for info in self.tile_info.values()}
+        found = {str(info.get("S2_type", "")).lower() for info in self.tile_info.values() if isinstance(info, dict)}
         return [level for level in S2_TYPES if level in found]
 
     # -- file handle --------------------------------------------------------------------------------
@@ -241,14 +282,14 @@ class MMEarthDataset:
         levels = self._s2_levels(ids)
         batch: Batch = {}
         for name, bands in self.selection.items():
-            raw = _read_rows(self.h5[name], rows)
+            raw = _read_rows(h5_dataset(self.h5, name), rows)
             batch[name] = self._preprocess(get_modality(name), bands, raw, levels)
         batch["id"] = ids
         return batch
 
     def tile_ids(self, rows: np.ndarray) -> list[str]:
         """Tile ids of h5 ``rows`` from ``metadata`` by position (field 0), whatever its compound layout."""
-        meta = _read_rows(self.h5["metadata"], rows)
+        meta = _read_rows(h5_dataset(self.h5, "metadata"), rows)
         if meta.dtype.names:
             meta = meta[meta.dtype.names[0]]
         return [m.decode() if isinstance(m, bytes) else str(m) for m in meta]
@@ -262,6 +303,8 @@ class MMEarthDataset:
             info = self.tile_info.get(tile_id)
             if info is None:
                 raise MMEarthFormatError(f"{self.files.tile_info}: no entry for tile id {tile_id!r}")
+            if not isinstance(info, dict):
+                raise MMEarthFormatError(f"{self.files.tile_info}: entry {tile_id!r} is not an object")
             level = str(info.get("S2_type", "")).lower()
             if level not in S2_TYPES:
                 raise MMEarthFormatError(
@@ -302,9 +345,23 @@ class MMEarthDataset:
         return ((values - mean) / std).astype(np.float32)
 
 
+def _check_side(h5_path: Path, name: str, shape: tuple[int, ...]) -> None:
+    """Refuse declared image sides beyond :data:`MAX_IMAGE_SIDE` before anything is read."""
+    if max(shape[2:]) > MAX_IMAGE_SIDE:
+        raise MMEarthFormatError(
+            f"{h5_path}: dataset {name!r} declares image size {shape[2:]}; at most {MAX_IMAGE_SIDE} px "
+            f"per side is accepted (MMEarth tiles are 64 or 128 px)"
+        )
+
+
 def _check_dtype(h5_path: Path, modality: Modality, dtype: np.dtype) -> None:
-    """Label maps must be unsigned integers (codes index a lookup table); anything else numeric."""
-    if modality.encoding in ("label_map", "one_hot", "raw"):
+    """Label maps must be small unsigned integers (codes index a lookup table of every possible code);
+    anything else numeric."""
+    if modality.encoding == "label_map":
+        ok = dtype.kind == "u" and dtype.itemsize <= MAX_LABEL_ITEMSIZE
+        bits = 8 * MAX_LABEL_ITEMSIZE
+        expected = f"an unsigned integer type of at most {bits} bits (registry: {modality.disk_dtype})"
+    elif modality.encoding in ("one_hot", "raw"):
         ok = dtype.kind == "u" or (modality.encoding == "one_hot" and dtype.kind == "i")
         expected = f"an unsigned integer type (registry: {modality.disk_dtype})"
     else:
@@ -323,10 +380,10 @@ def _select_stats(
     arrays = {}
     for field in ("mean", "std"):
         values = entry.get(field) if isinstance(entry, Mapping) else None
-        if values is None or len(values) != len(modality.bands):
+        if not _is_number_list(values, len(modality.bands)):
             raise MMEarthFormatError(
                 f"{path}: {key}.{field} must list {len(modality.bands)} values "
-                f"(bands {list(modality.bands)}), found {values!r:.80}"
+                f"(bands {list(modality.bands)}), found {_describe(values)}"
             )
         arrays[field] = np.asarray(values, dtype=np.float64)
     index = modality.band_indices(list(bands))
@@ -336,5 +393,29 @@ def _select_stats(
         raise MMEarthFormatError(
             f"{path}: {key} has no finite mean/std for selected band(s) {missing}; deselect them"
         )
+    flat = [(b, float(s)) for b, s in zip(bands, std, strict=True) if s <= 0]
+    if flat:
+        band, value = flat[0]
+        raise MMEarthFormatError(
+            f"{path}: {key}.std is {value} for band {band!r} (z-scoring divides by it: it must be > 0); "
+            f"fix the statistics or deselect the band"
+        )
     shape = (1, len(index)) + ((1, 1) if modality.level == "pixel" else ())
     return _Stats(mean.reshape(shape), std.reshape(shape))
+
+
+def _is_number_list(values: object, length: int) -> bool:
+    """A list of ``length`` plain numbers (JSON NaN and Infinity included; booleans not)."""
+    return (
+        isinstance(values, list)
+        and len(values) == length
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    )
+
+
+def _describe(value: object) -> str:
+    """A bounded description of a JSON value for an error message (never the repr of a large object)."""
+    if isinstance(value, (list, dict)):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"

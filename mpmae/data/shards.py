@@ -17,7 +17,10 @@ so each shard is first read into memory (memory bounded by one shard) and a fail
 process instead of hanging FFCV's writer. The selection, band statistics and row count go to a
 sidecar ``{split}-ffcv.json``, written last.
 
-Every shard is written under ``<name>.tmp`` and renamed when complete; a failed shard leaves no file.
+Every shard is written under a fresh hidden temporary name and renamed when complete; a failed shard leaves no file.
+Overwriting replaces or removes only files mpmae wrote: Parquet shards carrying the ``mpmae`` metadata of
+the same split, FFCV shards whose fields are all registry modalities plus ``id``, and the split's own
+sidecar. Anything else under a shard's name refuses, naming it.
 """
 
 from __future__ import annotations
@@ -290,6 +293,62 @@ def _write_json(path: Path, content: Mapping[str, Any]) -> None:
     atomic_write_text(path, json.dumps(content, indent=1))
 
 
+def _parquet_problem(path: Path, split: str) -> str | None:
+    """Why ``path`` is not a Parquet shard of ``split`` written by this module (None when it is)."""
+    try:
+        metadata = read_shard_metadata(path)
+    except (ShardError, OSError, ValueError, pa.ArrowException):  # ArrowInvalid, JSONDecodeError: ValueErrors
+        return "it carries no mpmae shard metadata"
+    if not isinstance(metadata, dict) or metadata.get("split") != split:
+        return f"its mpmae metadata is not that of split {split!r}"
+    return None
+
+
+def _ffcv_problem(path: Path) -> str | None:
+    """Why ``path`` is not an FFCV shard written by this module: its header must declare only registry
+    modalities and ``id`` as fields (read from the header alone; nothing is decoded)."""
+    from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
+
+    header = np.fromfile(path, dtype=HeaderType, count=1)
+    if len(header) != 1 or header[0]["version"] != CURRENT_VERSION or header[0]["num_fields"] > len(MODALITIES) + 1:
+        return "it is not an FFCV file of mpmae's layout"
+    count = int(header[0]["num_fields"])
+    descriptors = np.fromfile(path, dtype=FieldDescType, count=count, offset=HeaderType.itemsize)
+    names = [bytes(d["name"]).rstrip(b"\0").decode("utf-8", "replace") for d in descriptors]
+    known = {n[:FFCV_NAME_BYTES] for n in (*MODALITIES, "id")}
+    if len(names) != count or "id" not in names or not set(names) <= known:
+        return "its fields are not mpmae's modalities and id"
+    return None
+
+
+def _check_own(path: Path, split: str, format: ShardFormat) -> None:
+    """Refuse to replace or remove ``path`` unless it is a shard this module wrote for ``split``."""
+    if path.is_symlink() or not path.is_file():
+        problem: str | None = "it is not a regular file"
+    else:
+        problem = _parquet_problem(path, split) if format == "parquet" else _ffcv_problem(path)
+    if problem is not None:
+        raise FileExistsError(
+            f"refusing to replace {path}: {problem}, so it is not a {format} shard that mpmae wrote for "
+            f"split {split!r}; move it elsewhere first"
+        )
+
+
+def _check_sidecar(path: Path, split: str) -> None:
+    """An existing FFCV sidecar is replaced only when it is this module's, for ``split``."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        content = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        content = None
+    if not isinstance(content, dict) or "format_version" not in content or content.get("split") != split:
+        raise FileExistsError(
+            f"refusing to replace {path}: it is not the FFCV sidecar mpmae wrote for split {split!r}; "
+            f"move it elsewhere first"
+        )
+
+
 def _check_ffcv_names(selection: Iterable[str]) -> None:
     truncated = [name[:FFCV_NAME_BYTES] for name in (*selection, "id")]
     if len(set(truncated)) != len(truncated):
@@ -322,7 +381,8 @@ def write_shards(
     Refuses an ``out_dir`` that already holds shards of this split and format unless ``overwrite``;
     with ``overwrite`` each new shard replaces the old one of the same name when complete, and old
     shards of this split and format not in the new set are removed once all new ones are written.
-    Nothing else in ``out_dir`` is touched.
+    A file under a shard's (or the sidecar's) name that mpmae did not write refuses before anything is
+    written. Nothing else in ``out_dir`` is touched.
     """
     if format not in EXTENSIONS:
         raise ValueError(f"unknown shard format {format!r}; valid formats: {sorted(EXTENSIONS)}")
@@ -339,6 +399,11 @@ def write_shards(
             f"{out}: already holds {len(old)} {format} shard(s) of split {split!r} "
             f"(e.g. {old[0].name}); pass overwrite=True (--overwrite) to replace them"
         )
+    for path in old:
+        _check_own(path, split, format)
+    sidecar = out / f"{split}-ffcv.json"
+    if format == "ffcv":
+        _check_sidecar(sidecar, split)
     metadata = shard_metadata(dataset)
     write = _shard_writer(format, dataset, metadata)
     count = math.ceil(len(dataset) / tiles_per_shard)
@@ -349,9 +414,9 @@ def write_shards(
             path = out / shard_name(split, index, count, format)
             atomic_write(path, lambda tmp, p=positions: write(p, tmp, bar))
             written.append(path)
-    for stale in set(old) - set(written):
+    for stale in sorted(set(old) - set(written)):
+        _check_own(stale, split, format)  # again: it may have been swapped while shards were written
         stale.unlink()
     if format == "ffcv":
-        _write_json(out / f"{split}-ffcv.json",
-                    {**metadata, "shards": [p.name for p in written], "rows": len(dataset)})
+        _write_json(sidecar, {**metadata, "shards": [p.name for p in written], "rows": len(dataset)})
     return written

@@ -44,6 +44,7 @@ replacement), with the reference's no-data rules and its NaN/inf for bands witho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,6 +74,12 @@ _WORLD_SEED = 20240502
 _LAPSE_K_PER_M = 0.0065
 _KELVIN = 273.15
 METADATA_DTYPE = np.dtype([("tile_id", "S100"), ("S2_type", "S10")])
+#: The files a folder of ``size`` px tiles holds: the only entries `overwrite` may replace.
+FILE_SUFFIXES = (".h5", "_splits.json", "_tile_info.json", "_band_stats.json")
+#: Written size over raw size of the gzip-compressed h5 (measured 0.44-0.46 at 64 and 128 px), with margin.
+_H5_COMPRESSION_BOUND = 0.6
+#: tile_info, splits and band statistics per tile (measured about 1.13 kB), with margin.
+_JSON_BYTES_PER_TILE = 1500
 
 
 class _Biome(NamedTuple):
@@ -832,31 +839,99 @@ def _check_arguments(tiles: int, size: int, seed: int) -> None:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty folder unless ``overwrite``, and even then one holding non-MMEarth entries."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir())
-    if entries and not overwrite:
-        raise FileExistsError(f"{out} is not empty ({len(entries)} entries); pass overwrite=True to replace it")
-    foreign = [e for e in entries if not e.startswith(("data_", "LICENSE"))]
-    if foreign:
-        raise FileExistsError(
-            f"refusing to overwrite {out}: it holds entries that are not MMEarth files, e.g. {foreign[:3]}"
+def file_names(size: int) -> list[str]:
+    """The names of the files a synthetic folder of ``size`` px tiles holds."""
+    return [f"data_synth_v001_{size}{suffix}" for suffix in FILE_SUFFIXES]
+
+
+_OWN_NAMES = frozenset(name for size in SIZES for name in file_names(size))
+
+
+def estimate_bytes(tiles: int, size: int) -> int:
+    """About how many bytes a folder of ``tiles`` tiles of ``size`` px takes on disk (an upper estimate)."""
+    per_tile = METADATA_DTYPE.itemsize + sum(
+        len(m.bands) * (size * size if m.level == "pixel" else 1) * np.dtype(m.disk_dtype).itemsize
+        for m in MODALITIES.values()
+    )
+    return int(tiles * (per_tile * _H5_COMPRESSION_BOUND + _JSON_BYTES_PER_TILE))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_space(out: Path, tiles: int, size: int) -> None:
+    """Refuse before writing when the disk cannot hold the folder (the old one stays until the new is done)."""
+    needed = estimate_bytes(tiles, size)
+    where = _existing_ancestor(out.parent)
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise ValueError(
+            f"{out}: {tiles} synthetic tiles of {size} px need about {format_bytes(needed)}, "
+            f"{format_bytes(free)} free on {where}"
         )
 
 
-def _publish(staged: Path, out: Path) -> None:
-    """Move the finished folder into place; an old folder is set aside first and removed last."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-        out.rename(old)
+def format_bytes(count: float) -> str:
+    """``count`` bytes in the largest binary unit that keeps the figure >= 1 (``12.3 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _check_target(out: Path, overwrite: bool) -> list[Path]:
+    """The entries of ``out`` that writing will replace: none unless ``overwrite``, and then only files
+    this module writes. Anything else (a subfolder, a link, any other name) refuses, naming it."""
+    if out.is_symlink():
+        raise FileExistsError(f"{out} is a symbolic link; give the folder it points to")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if not out.exists():
+        return []
+    entries = sorted(out.iterdir())
+    if entries and not overwrite:
+        raise FileExistsError(f"{out} is not empty ({len(entries)} entries); pass overwrite=True to replace it")
+    foreign = [e for e in entries if e.name not in _OWN_NAMES or e.is_symlink() or not e.is_file()]
+    if foreign:
+        raise FileExistsError(
+            f"refusing to overwrite {out}: {foreign[0].name!r} was not written by mpmae synth (only its files "
+            f"data_synth_v001_<size>{{{','.join(FILE_SUFFIXES)}}} are replaced); move it elsewhere first"
+        )
+    return entries
+
+
+def _remove_own(folder: Path, names: list[str]) -> None:
+    """Delete ``names`` (files this module wrote) and then the folder, which must then be empty."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def _publish(staged: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished folder into place. ``out`` is checked again (it may have changed while tiles were
+    generated); an old folder is set aside first and only its synth files are removed, last."""
+    replaced = [p.name for p in _check_target(out, overwrite)]
+    if not out.exists():
         staged.rename(out)
-        shutil.rmtree(old)
-    else:
+        return
+    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+    out.rename(old)
+    try:
         staged.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    try:
+        _remove_own(old, replaced)
+    except OSError:
+        raise FileExistsError(
+            f"wrote {out}; the folder it replaced was kept as {old}: it gained entries mpmae synth did not write"
+        ) from None
 
 
 def write_synthetic_mmearth(
@@ -868,17 +943,23 @@ def write_synthetic_mmearth(
     The folder holds ``data_synth_v001_<size>{.h5,_splits.json,_tile_info.json,_band_stats.json}``. It is
     built in a hidden sibling folder and renamed into place when complete, so an interrupted run never
     leaves a folder that looks valid. The output is a deterministic function of ``(tiles, size, seed)``.
+
+    ``overwrite`` replaces a folder that holds only these files (of either size); any other entry refuses
+    with ``FileExistsError`` naming it, so a real MMEarth folder or a user's files are never deleted. A
+    disk without room for about :func:`estimate_bytes` refuses with ``ValueError`` before anything is written.
     """
     _check_arguments(tiles, size, seed)
     out = Path(out_dir)
     _check_target(out, overwrite)
+    _check_space(out, int(tiles), size)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     staged.mkdir()
     try:
         _write_folder(staged, int(tiles), size, int(seed), progress)
-        _publish(staged, out)
+        _publish(staged, out, overwrite)
     except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
+        with contextlib.suppress(OSError):  # never hide the error that stopped the run
+            _remove_own(staged, file_names(size))
         raise
     return out

@@ -13,7 +13,10 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.train.checkpoint import CARD_FILE, ENCODER_FILE
+from mpmae.train.checkpoint import CARD_FILE, ENCODER_FILE, CheckpointError, load_file, load_weights
+
+#: A model card is a few KiB (the run config included); more is not one.
+_CARD_MAX_BYTES = 1024 * 1024
 
 
 def load_encoder(
@@ -32,14 +35,38 @@ def load_encoder(
         set_drop_path(encoder, drop_path_rate)
         return encoder, None
     folder = Path(source)
-    card = json.loads((folder / CARD_FILE).read_text())
+    card = read_card(folder / CARD_FILE)
     arch = card["architecture"]
-    encoder = ConvNeXtV2(
-        len(card["bands"]), arch["arch"], arch["patch_size"], drop_path_rate=drop_path_rate,
-        architecture=arch.get("conventions", "default"), features_only=True, stem=arch.get("stem", "modified"),
-    )
-    encoder.load_state_dict(torch.load(folder / ENCODER_FILE, map_location="cpu", weights_only=True))
+    try:
+        encoder = ConvNeXtV2(
+            len(card["bands"]), arch["arch"], arch["patch_size"], drop_path_rate=drop_path_rate,
+            architecture=arch.get("conventions", "default"), features_only=True, stem=arch.get("stem", "modified"),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder / CARD_FILE}: its architecture cannot be built ({err})") from None
+    load_weights(encoder, load_file(folder / ENCODER_FILE), folder / ENCODER_FILE)
     return encoder, card
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    """An export's model card, checked for what rebuilding the encoder needs; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; an encoder export is {ENCODER_FILE} with its {CARD_FILE}, "
+                                "which says how to rebuild the encoder")
+    with open(path, "rb") as handle:
+        text = handle.read(_CARD_MAX_BYTES + 1)
+    if len(text) > _CARD_MAX_BYTES:
+        raise CheckpointError(f"{path}: not a model card (over {_CARD_MAX_BYTES} bytes)")
+    try:
+        card = json.loads(text)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: not a model card (invalid JSON: {err})") from None
+    arch = card.get("architecture") if isinstance(card, dict) else None
+    if not isinstance(arch, dict) or not {"arch", "patch_size"} <= set(arch):
+        raise CheckpointError(f"{path}: not a model card (no 'architecture' with 'arch' and 'patch_size')")
+    if not isinstance(card.get("bands"), list) or not card["bands"]:
+        raise CheckpointError(f"{path}: not a model card (no list of 'bands')")
+    return card
 
 
 def set_drop_path(encoder: ConvNeXtV2, rate: float) -> None:
@@ -70,7 +97,7 @@ def encoder_from(
     """An encoder and its model card from an export folder, a training checkpoint or run folder, or
     (``source=None``) a randomly initialised ``arch`` encoder on the 12 default input bands."""
     from mpmae.modalities import SENTINEL2_INPUT_BANDS
-    from mpmae.train.checkpoint import load_checkpoint, model_card
+    from mpmae.train.checkpoint import encoder_weights, find_checkpoint, model_card
 
     if source is None:
         encoder = ConvNeXtV2(len(SENTINEL2_INPUT_BANDS), arch, patch_size, drop_path_rate=drop_path_rate,
@@ -78,15 +105,15 @@ def encoder_from(
         card = {"architecture": {"arch": arch, "patch_size": patch_size, "stem": "modified"},
                 "bands": list(SENTINEL2_INPUT_BANDS), "patch_size": patch_size, "random_init": True}
         return encoder, card
-    if (Path(source) / CARD_FILE).is_file():
+    folder = Path(source)
+    if (folder / CARD_FILE).is_file() or (folder / ENCODER_FILE).is_file():  # an export, never a checkpoint
         encoder, card = load_encoder(source, drop_path_rate)
         assert card is not None
         return encoder, card
-    payload = load_checkpoint(source)
-    card = model_card(payload)
+    file, payload = find_checkpoint(source)
+    card = model_card(payload, file)
     arch_card = card["architecture"]
     encoder = ConvNeXtV2(len(card["bands"]), arch_card["arch"], arch_card["patch_size"], drop_path_rate=drop_path_rate,
                          features_only=True, stem=arch_card["stem"])
-    prefix = "encoder."
-    encoder.load_state_dict({k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)})
+    load_weights(encoder, encoder_weights(payload, file), file)
     return encoder, card

@@ -25,10 +25,11 @@ from mpmae.finetune.encoder import encoder_from
 from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate
 from mpmae.finetune.probe import linear_probe
 from mpmae.models.unet import UNet
-from mpmae.train.checkpoint import atomic_save
-from mpmae.train.worker import report_with_checkpoint
+from mpmae.train.checkpoint import atomic_save, check_keys, load_file, mark_complete
+from mpmae.train.worker import channels_last, quiet_report_logs, report_with_checkpoint
 
 STATE_FILE = "finetune.pt"
+STATE_KEYS = ("finetuner", "history", "best", "config")
 RESULTS_FILE = "results.json"
 
 
@@ -60,12 +61,14 @@ def _loader(dataset: GeoBenchDataset, batch_size: int, rank: int, world: int, tr
 
 def finetune_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point of an evaluation run."""
+    quiet_report_logs()
     config = from_dict(FinetuneRunConfig, loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed + rank)
     device = ray.train.torch.get_device()
     model, card = build_model(config)
+    model = channels_last(model)  # DDP's buckets match its gradients
     splits = {s: GeoBenchDataset(config.geobench_dir, config.task, s, partition=config.partition, bands=card["bands"])
               for s in ("train", "val", "test")}
     per_worker = config.batch_size // world
@@ -77,7 +80,7 @@ def finetune_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = load_state(Path(folder))
         finetuner.load_state_dict(state["finetuner"])
         history, best = state["history"], state["best"]
     fine = finetuner.config
@@ -110,8 +113,20 @@ def _evaluate(finetuner: Finetuner, loader: DataLoader) -> dict[str, float]:
 
 def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any], name: str | None = None) -> None:
     """Report an epoch; rank 0 attaches the state (the last one, ``final``, holds the selected weights)."""
-    report_with_checkpoint(metrics, rank, lambda folder: atomic_save(state, folder / STATE_FILE),
+    report_with_checkpoint(metrics, rank, lambda folder: save_state(folder, state),
                            name or f"epoch-{metrics['epoch'] + 1:04d}")
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> Path:
+    """An evaluation run's checkpoint: tensors and plain values only (``best`` included), then its marker."""
+    atomic_save(state, folder / STATE_FILE)
+    mark_complete(folder, [STATE_FILE], epoch=state["finetuner"]["epoch"])
+    return folder / STATE_FILE
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_state`, loaded without running code from it."""
+    return check_keys(load_file(folder / STATE_FILE), folder / STATE_FILE, STATE_KEYS, STATE_KEYS)
 
 
 def default_run_name(config: FinetuneRunConfig) -> str:
@@ -121,7 +136,7 @@ def default_run_name(config: FinetuneRunConfig) -> str:
 
 def finetune(config: FinetuneRunConfig) -> dict[str, Any]:
     """Run an evaluation on Ray Train and write ``results.json`` into the run folder (never overwritten)."""
-    from mpmae.train.trainer import ensure_ray
+    from mpmae.train.trainer import check_resources, ensure_ray, fit, train_run_config
 
     name = config.run.name or default_run_name(config)
     if is_uri(config.run.storage_path):
@@ -132,18 +147,15 @@ def finetune(config: FinetuneRunConfig) -> dict[str, Any]:
         raise FileExistsError(f"{results_path} already exists; choose another run.name")
     GeoBenchDataset(config.geobench_dir, config.task, "train", partition=config.partition)  # fail early
     ensure_ray()
+    check_resources(config.run, {})  # GEO-Bench loads in the workers
     trainer = ray.train.torch.TorchTrainer(
         finetune_loop,
         train_loop_config={"config": to_dict(config)},
         scaling_config=ray.train.ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
                                                resources_per_worker={"CPU": config.run.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(Path(config.run.storage_path).resolve()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-        ),
+        run_config=train_run_config(config.run, name),
     )
-    metrics = trainer.fit().metrics
+    metrics = fit(trainer).metrics
     results = {"task": config.task, "mode": config.mode, "encoder": config.encoder or "random",
                "partition": config.partition, "select": config.select, **metrics}
     write_json(results_path, results)

@@ -2,14 +2,26 @@
 
 A checkpoint folder holds ``state.pt``: model, optimizer, scheduler and scaler state, epoch, global
 step, the run's config, the data position, the normalisation statistics the model was trained with and
-the per-epoch metrics so far (so that loss curves need nothing but the checkpoint).
-The export is what fine-tuning needs and nothing else: ``encoder.pt`` (a plain tensor state dict,
-loadable by ``torch.load`` without mpmae) and ``model_card.json``.
+the per-epoch metrics so far (so that loss curves need nothing but the checkpoint), then ``complete.json``,
+written last, with the size of every file: a folder whose copy into storage was cut short (a full disk)
+is never taken for a checkpoint. The export is what fine-tuning needs and nothing else: ``encoder.pt``
+(a plain tensor state dict, loadable by ``torch.load`` without mpmae) and ``model_card.json``.
+
+Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so that no
+code runs from a file planted in shared storage. Whatever is not a tensor (config, history, data position)
+is a plain value; :func:`atomic_save` refuses anything else, so every checkpoint written loads that way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import errno
+import json
+import logging
+import pickle
+import re
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +31,31 @@ from torch import nn
 
 from mpmae.atomic import atomic_write, atomic_write_json
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.pt"
 ENCODER_FILE = "encoder.pt"
 CARD_FILE = "model_card.json"
+COMPLETE_FILE = "complete.json"
+CHECKPOINT_FORMAT = "mpmae-checkpoint/1"
+#: What ``state.pt`` must hold, and everything it may hold.
+STATE_REQUIRED = ("model", "config", "epoch", "step")
+STATE_KEYS = frozenset({*STATE_REQUIRED, "optimizer", "scheduler", "scaler", "skipped_steps", "history",
+                        "data_position", "norm_stats"})
+#: A marker is a few hundred bytes; more is not one of ours.
+_MARKER_MAX_BYTES = 64 * 1024
+_CHECKPOINT_NAME = re.compile(r"epoch-(\d+)(?:\.(\d+))?")
+#: Exact types (numpy's float64 is a float subclass, and weights_only refuses it).
+_PLAIN = frozenset({str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device})
+_ZIP_MAGIC, _HDF5_MAGIC = b"PK\x03\x04", b"\x89HDF\r\n\x1a\n"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, state or encoder file that cannot be used; the message names the file and why."""
+
+
+class StorageFullError(OSError):
+    """No space left on device while writing ``filename`` (``errno.ENOSPC``; the CLI prints one line)."""
 
 
 @dataclass
@@ -34,9 +68,61 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+# -- writing ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def reporting_full_disk(path: Path | str, doing: str) -> Iterator[None]:
+    """Name ``path`` in a full disk's error (``ENOSPC`` while ``doing``): a write through a file object
+    names no file, and a copy by Ray's pyarrow names none either."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC or isinstance(err, StorageFullError):
+            raise
+        raise StorageFullError(errno.ENOSPC, f"No space left on device while {doing}", str(path)) from None
+
+
+def check_plain(value: Any, where: str) -> None:
+    """Refuse what ``torch.load(weights_only=True)`` would refuse, naming where it sits in ``where``."""
+    if type(value) in _PLAIN or isinstance(value, torch.Tensor):
+        return
+    if type(value) in (dict, OrderedDict):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise TypeError(f"{where}: key {key!r} is not a str or int")
+            check_plain(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            check_plain(item, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where}: a {type(value).__name__} is neither a tensor nor a plain value "
+                        "(a checkpoint must load with weights_only=True)")
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save``, atomically: a crash never leaves a half-written checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save``, atomically: a crash or a full disk never leaves a half-written file.
+
+    Only tensors and plain values are accepted. The file is written through a Python file object, so a
+    full disk raises ``OSError(ENOSPC)`` (torch's own writer reports only "unexpected pos").
+    """
+    check_plain(obj, path.name)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+
+    with reporting_full_disk(path, "writing it"):
+        atomic_write(path, write)
+
+
+def mark_complete(folder: Path, files: Sequence[str], **facts: Any) -> Path:
+    """Write ``complete.json`` (last, so that its presence means the rest is whole): each file's size."""
+    sizes = {name: (folder / name).stat().st_size for name in files}
+    marker = folder / COMPLETE_FILE
+    with reporting_full_disk(marker, "writing it"):
+        atomic_write_json(marker, {"format": CHECKPOINT_FORMAT, **facts, "files": sizes})
+    return marker
 
 
 def save_checkpoint(
@@ -48,7 +134,7 @@ def save_checkpoint(
     norm_stats: Mapping[str, Any],
     lr: float,
 ) -> Path:
-    """Write the complete training state into ``folder`` (created if needed)."""
+    """Write the complete training state into ``folder`` (created if needed), then its marker."""
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -64,61 +150,264 @@ def save_checkpoint(
         "norm_stats": dict(norm_stats),
     }
     atomic_save(payload, folder / STATE_FILE)
+    mark_complete(folder, [STATE_FILE], epoch=state.epoch, step=state.step)
     return folder / STATE_FILE
 
 
-def resolve_checkpoint(path: Path | str) -> Path:
-    """The ``state.pt`` of a checkpoint folder, or of the latest ``epoch-*`` checkpoint of a run folder."""
-    path = Path(path)
-    if path.is_dir() and not (path / STATE_FILE).exists():
-        epochs = sorted(p for p in path.glob("epoch-*") if (p / STATE_FILE).is_file())
-        if epochs:
-            return epochs[-1] / STATE_FILE
-    return path / STATE_FILE if path.is_dir() else path
+def checkpoint_name(epoch: int, taken: Collection[str] = ()) -> str:
+    """``epoch-NNNN``, or ``epoch-NNNN.K`` when a folder of that name is already in storage (a resume that
+    fell back past a broken checkpoint must neither overwrite it nor share its name in Ray's record)."""
+    name = candidate = f"epoch-{epoch:04d}"
+    again = 0
+    while candidate in taken:
+        again += 1
+        candidate = f"{name}.{again}"
+    return candidate
 
 
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """The payload of a checkpoint (folder, ``state.pt`` or run folder), with a clear error otherwise."""
+# -- reading ------------------------------------------------------------------------------------------------
+
+
+def _file_kind(file: Path) -> str:
+    """What a file that torch could not load looks like, for the error message (never its content)."""
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+    if not head:
+        return "the file is empty"
+    if head.startswith(_HDF5_MAGIC):
+        return "it is an HDF5 file"
+    if not head.startswith(_ZIP_MAGIC):
+        return "it is not a zip archive, as torch.save writes"
+    return ""
+
+
+def _short_reason(err: BaseException) -> str:
+    """The informative line of a torch error (which runs to paragraphs of advice), first sentence only."""
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in str(err).splitlines()]
+    useful = [line for line in lines if line and not line.startswith(skip)]
+    reason = (useful or [type(err).__name__])[0].split(". ")[0].rstrip(".")
+    return reason if len(reason) <= 160 else reason[:157] + "..."
+
+
+def load_file(file: Path | str) -> Any:
+    """The content of a file written by ``torch.save``, loaded with ``weights_only=True`` (no code runs)."""
+    file = Path(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise CheckpointError(
+                f"{file}: refused to load: it tries to load {found.group(1)!r}, which is not a tensor or plain "
+                "container (not an mpmae checkpoint, or tampered with)"
+            ) from None
+        reason = _file_kind(file) or _short_reason(err)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise CheckpointError(f"{file}: cannot be read ({err.strerror or err})") from None
+    except Exception as err:  # noqa: BLE001 - any failure of torch's reader on foreign bytes means the same
+        reason = _file_kind(file) or _short_reason(err)
+    raise CheckpointError(f"{file}: not an mpmae checkpoint (corrupt or not written by torch.save: {reason})")
+
+
+def check_keys(content: Any, file: Path | str, required: Sequence[str], allowed: Collection[str]) -> dict[str, Any]:
+    """``content`` if it is a dict with every ``required`` key and none outside ``allowed``."""
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{file}: not an mpmae checkpoint (it holds a {type(content).__name__}, not a dict)")
+    missing = [k for k in required if k not in content]
+    if missing:
+        raise CheckpointError(f"{file}: not an mpmae checkpoint (missing key {missing[0]!r})")
+    unexpected = sorted(str(k) for k in content if k not in allowed)
+    if unexpected:
+        raise CheckpointError(f"{file}: not an mpmae checkpoint (unexpected key {unexpected[0]!r})")
+    return content
+
+
+def load_weights(module: nn.Module, weights: Any, file: Path | str) -> None:
+    """``module.load_state_dict(weights)`` strictly, an error naming ``file`` and the first key that differs."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{file}: the weights are not a dict of tensors")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        key, what = (missing[0], "missing") if missing else (unexpected[0], "unexpected")
+        raise CheckpointError(f"{file}: {what} weight {key!r} ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected for a {type(module).__name__})")
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:  # shapes: one line per mismatch; the first is enough
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"{file}: {(lines or [_short_reason(err)])[0]}") from None
+
+
+def incomplete_reason(folder: Path) -> str | None:
+    """Why a checkpoint folder is not whole according to its marker, or None (whole, or written before
+    markers existed: such a folder is judged by whether its ``state.pt`` loads)."""
+    marker = folder / COMPLETE_FILE
+    if not marker.exists():
+        return None
+    try:
+        with open(marker, "rb") as handle:
+            record = json.loads(handle.read(_MARKER_MAX_BYTES + 1)[:_MARKER_MAX_BYTES])
+        sizes = record["files"]
+        if not isinstance(sizes, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{marker}: unreadable (its write was cut short)"
+    for name, size in sizes.items():
+        part = folder / Path(str(name)).name
+        actual = part.stat().st_size if part.is_file() else 0
+        if actual != size:
+            return f"{part}: incomplete ({actual} of the {size} bytes {COMPLETE_FILE} records; the write was cut short)"
+    return None
+
+
+def checkpoint_folders(run: Path) -> list[Path]:
+    """The ``epoch-*`` checkpoint folders of a run folder, newest first."""
+    found = [(m, p) for p in run.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.fullmatch(p.name))]
+    found.sort(key=lambda mp: (int(mp[0].group(1)), int(mp[0].group(2) or 0)), reverse=True)
+    return [p for _, p in found]
+
+
+def _load_state_file(file: Path) -> dict[str, Any]:
+    reason = incomplete_reason(file.parent)
+    if reason is not None:
+        raise CheckpointError(reason)
+    return check_keys(load_file(file), file, STATE_REQUIRED, STATE_KEYS)
+
+
+def newest_checkpoint(run: Path | str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of a run folder that is complete and loads, and its payload; None if there is none.
+
+    Each newer one passed over is logged as a warning naming its file and why.
+    """
+    skipped = []
+    for folder in checkpoint_folders(Path(run)):
+        try:
+            found = folder / STATE_FILE, _load_state_file(folder / STATE_FILE)
+        except (CheckpointError, FileNotFoundError) as err:
+            skipped.append(str(err))
+            continue
+        for reason in skipped:
+            log.warning("skipping a checkpoint: %s; using %s", reason, folder)
+        return found
+    for reason in skipped:
+        log.warning("skipping a checkpoint: %s", reason)
+    return None
+
+
+def find_checkpoint(path: Path | str) -> tuple[Path, dict[str, Any]]:
+    """The ``state.pt`` and payload of a checkpoint folder or file, or of a run folder's newest complete
+    checkpoint; a clear error naming the file otherwise."""
     path = Path(path)
-    file = resolve_checkpoint(path)
+    if path.is_dir() and not (path / STATE_FILE).exists() and not (path / COMPLETE_FILE).exists():
+        folders = checkpoint_folders(path)
+        found = newest_checkpoint(path) if folders else None
+        if found is not None:
+            return found
+        if folders:
+            raise CheckpointError(f"{path}: none of its {len(folders)} checkpoints is complete and loadable "
+                                  f"(the newest: {folders[0] / STATE_FILE}; see the warnings above)")
+    file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(
             f"{path}: no {STATE_FILE} (expected an mpmae checkpoint folder or file, or a run folder)"
         )
-    payload = torch.load(file, map_location="cpu", weights_only=False)
-    missing = [k for k in ("model", "config", "epoch", "step") if k not in payload]
-    if missing:
-        raise ValueError(f"{file}: not an mpmae checkpoint (missing {missing})")
-    return payload
+    return file, _load_state_file(file)
 
 
-def restore(payload: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainState:
+def resolve_checkpoint(path: Path | str) -> Path:
+    """The ``state.pt`` of a checkpoint folder, or of the newest complete checkpoint of a run folder."""
+    return find_checkpoint(path)[0]
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """The payload of a checkpoint (folder, ``state.pt`` or run folder), with a clear error otherwise."""
+    return find_checkpoint(path)[1]
+
+
+def restore(payload: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None,
+            file: Path | str = STATE_FILE) -> TrainState:
     """Load model (strictly) and optimizer state; return where training stands."""
-    model.load_state_dict(payload["model"])
+    load_weights(model, payload["model"], file)
     if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{file}: the optimizer state does not fit this model ({err})") from None
     return TrainState(payload["epoch"], payload["step"], payload["skipped_steps"], payload["history"])
+
+
+# -- resuming -----------------------------------------------------------------------------------------------
+
+
+def plan_resume(storage: str, name: str) -> dict[str, Any] | None:
+    """Check, in the driver, the checkpoint a restarted run will resume from, before any worker starts.
+
+    Returns ``{"from": folder or None, "taken": names}``: the newest complete, loadable checkpoint of the
+    run folder (newer broken ones are skipped with a warning naming the file), and every checkpoint folder
+    name already in storage, which a worker never writes again (:func:`checkpoint_name`). Refuses a run
+    folder whose checkpoints all fail. None for URI storage (not checked here: workers resume from Ray's
+    latest checkpoint, as before).
+    """
+    if "://" in storage:
+        return None
+    run = Path(storage) / name
+    folders = checkpoint_folders(run) if run.is_dir() else []
+    if not folders:
+        return {"from": None, "taken": []}
+    found = newest_checkpoint(run)
+    if found is None:
+        raise CheckpointError(f"{run}: cannot resume, none of its {len(folders)} checkpoints is complete and "
+                              f"loadable (the newest: {folders[0] / STATE_FILE}; see the warnings above); "
+                              "choose another run.name")
+    return {"from": str(found[0].parent), "taken": sorted(p.name for p in folders)}
+
+
+# -- export -------------------------------------------------------------------------------------------------
 
 
 def export_encoder(checkpoint: Path | str, out: Path | str) -> Path:
     """Write the encoder's plain state dict and a JSON model card into ``out`` (refusing to overwrite)."""
-    payload = load_checkpoint(checkpoint)
+    file, payload = find_checkpoint(checkpoint)
     out = Path(out)
     existing = [out / name for name in (ENCODER_FILE, CARD_FILE) if (out / name).exists()]
     if existing:
         raise FileExistsError(f"{existing[0]} already exists; choose another output folder")
-    prefix = "encoder."
-    encoder = {k[len(prefix):]: v.clone() for k, v in payload["model"].items() if k.startswith(prefix)}
-    if not encoder:
-        raise ValueError(f"{checkpoint}: the checkpoint's model holds no encoder weights")
+    encoder = encoder_weights(payload, file)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(encoder, out / ENCODER_FILE)
-    atomic_write_json(out / CARD_FILE, model_card(payload))
+    with reporting_full_disk(out / CARD_FILE, "writing it"):
+        atomic_write_json(out / CARD_FILE, model_card(payload, file))
     return out
 
 
-def model_card(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """What a fine-tuning run needs to rebuild and feed the encoder."""
+def encoder_weights(payload: Mapping[str, Any], file: Path | str) -> dict[str, torch.Tensor]:
+    """The ``encoder.*`` tensors of a checkpoint's model, without the prefix."""
+    prefix = "encoder."
+    model = payload["model"]
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{file}: its 'model' is a {type(model).__name__}, not a dict of tensors")
+    encoder = {k[len(prefix):]: v.clone() for k, v in model.items()
+               if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    if not encoder:
+        raise CheckpointError(f"{file}: the checkpoint's model holds no encoder weights")
+    return encoder
+
+
+def model_card(payload: Mapping[str, Any], file: Path | str = STATE_FILE) -> dict[str, Any]:
+    """What a fine-tuning run needs to rebuild and feed the encoder (``file``: the checkpoint, for errors)."""
+    try:
+        return _model_card(payload)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: its run config does not describe a model ({type(err).__name__}: "
+                              f"{str(err)[:120]})") from None
+
+
+def _model_card(payload: Mapping[str, Any]) -> dict[str, Any]:
     from mpmae.modalities import resolve_selection
 
     config = payload["config"]

@@ -26,7 +26,14 @@ from mpmae.config import PretrainConfig, from_dict
 from mpmae.data.loaders import aligned_random_crop, ffcv_loader, iter_ray_batches
 from mpmae.metrics import RunMetrics
 from mpmae.models.mpmae import MPMAE, MPMAEConfig
-from mpmae.train.checkpoint import TrainState, load_checkpoint, restore, save_checkpoint
+from mpmae.train.checkpoint import (
+    TrainState,
+    checkpoint_name,
+    find_checkpoint,
+    reporting_full_disk,
+    restore,
+    save_checkpoint,
+)
 from mpmae.train.probe import load_probe_task
 from mpmae.train.recipe import build_optimizer, learning_rate, set_learning_rate
 from mpmae.train.step import LossMeter, StepGuard, forward_backward, unwrap
@@ -42,6 +49,22 @@ def build_model(config: PretrainConfig) -> MPMAE:
         decoder_dim=model.decoder_dim, decoder_depth=model.decoder_depth, loss_aggregation=model.loss,
         task_weights=model.task_weights, norm_pix_loss=model.norm_pix_loss, mask_ratio=model.mask_ratio,
     ))
+
+
+def channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its convolution weights in the channels-last layout of the activations they see.
+
+    The encoder runs channels-last, so conv backward makes channels-last weight gradients. A depthwise
+    weight (C, 1, k, k) is the one shape where autograd keeps such a gradient although its strides differ
+    from the contiguous weight's (only in the size-1 dimension); DDP then finds the gradient's strides
+    unlike its bucket view's and warns ("Grad strides do not match bucket view strides"). Weights in the
+    layout of their gradients match in every dimension. Only convolutions: other 4-d parameters (GRN's
+    (1, 1, 1, C) scales) act on channels-last maps permuted to NHWC and get contiguous gradients.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.to(memory_format=torch.channels_last)
+    return model
 
 
 def _batches(config: PretrainConfig, rank: int, world: int, epoch: int, per_worker: int,
@@ -97,24 +120,38 @@ def _broadcast(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
+def quiet_report_logs() -> None:
+    """Keep Ray Train's per-report log line (each rank, each report, the whole metrics dict) out of the log.
+
+    Ray Train 2.60 names that logger by its file's path (``ray/train/v2/_internal/execution/context.py``)
+    rather than ``ray.train...``, so the RunConfig's ``LoggingConfig``, which sets the level of Ray
+    Train's loggers, misses it, and the root logger Ray Train sets up in each worker passes it at INFO.
+    """
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; ``loop_config`` holds the PretrainConfig dict, rows and norm stats."""
+    quiet_report_logs()
     config = from_dict(PretrainConfig, loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed + rank)
     torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))  # intra-op threads = the CPUs Ray reserved
     device = ray.train.torch.get_device()
-    # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
-    model = ray.train.torch.prepare_model(build_model(config),
+    model = ray.train.torch.prepare_model(channels_last(build_model(config)),
                                           parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     core = unwrap(model)
     optimizer = build_optimizer(core, config.optim)
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = restore(load_checkpoint(folder), core, optimizer)
+    plan = loop_config.get("resume")
+    source = resume_source(ray.train.get_checkpoint(), plan)
+    if source is not None:
+        with source.as_directory() as folder:
+            file, payload = find_checkpoint(folder)
+            state = restore(payload, core, optimizer, f"{source.path}/{file.name}")
         log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
 
     probe = load_probe_task(config) if config.probe.task is not None and rank == 0 else None
@@ -177,16 +214,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics, rank,
             lambda folder, lr=lr: save_checkpoint(folder, core, optimizer, state, loop_config["config"],
                                                   loop_config["norm_stats"], lr),
-            f"epoch-{state.epoch:04d}",
+            checkpoint_name(state.epoch, plan["taken"] if plan else ()),
         )
         telemetry.checkpoint(time.perf_counter() - saving)
 
 
+def resume_source(reported: ray.train.Checkpoint | None,
+                  plan: Mapping[str, Any] | None) -> ray.train.Checkpoint | None:
+    """The checkpoint to resume from: Ray's latest when this run wrote it (a restarted worker group), else
+    the one the driver checked (:func:`mpmae.train.checkpoint.plan_resume`).
+
+    A run started again gets Ray's latest from its record in storage, which may be the broken checkpoint
+    the driver skipped; every folder already in storage when the driver looked is in ``plan["taken"]``.
+    Without a plan (URI storage, no driver check) Ray's latest, as before.
+    """
+    if plan is None or (reported is not None and Path(reported.path).name not in plan["taken"]):
+        return reported
+    return ray.train.Checkpoint(plan["from"]) if plan["from"] else None
+
+
+def _storage_place(name: str) -> str:
+    """Where Ray copies checkpoint ``name`` of this run in storage."""
+    return ray.train.get_context().get_storage().build_checkpoint_path_from_name(name)
+
+
 def report_with_checkpoint(metrics: dict[str, Any], rank: int, write: Callable[[Path], Any], name: str) -> None:
-    """Every rank reports (Ray's barrier); rank 0 writes the checkpoint folder and attaches it."""
+    """Every rank reports (Ray's barrier); rank 0 writes the checkpoint folder and attaches it.
+
+    A full disk while Ray copies the folder into storage is one line naming the place. The partial copy
+    stays (Ray's), but readers take only a folder whose files match its ``complete.json``.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             write(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        with reporting_full_disk(_storage_place(name) if rank == 0 else name, "copying the checkpoint into storage"):
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)

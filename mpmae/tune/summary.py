@@ -25,9 +25,10 @@ FIXED_COLUMNS = ("trial_id", METRIC, "epochs_run", "state")
 
 
 def trial_rows(sweep: Sweep, results: Any) -> list[dict[str, Any]]:
-    """One row per trial: id, searched values, last probe score, epochs run, how it ended."""
-    rows = []
-    for result in results:
+    """One row per trial, in the order Tune created them (see :func:`creation_index`): id, searched
+    values, last probe score, epochs run, how it ended."""
+    rows, order = [], {}
+    for position, result in enumerate(results):
         metrics = result.metrics or {}
         epochs = int(metrics.get(TIME_ATTR, 0))
         if result.error is not None:
@@ -36,7 +37,15 @@ def trial_rows(sweep: Sweep, results: Any) -> list[dict[str, Any]]:
             state = "completed" if epochs >= sweep.epochs else "stopped early"
         rows.append({"trial_id": metrics.get("trial_id", Path(result.path).name), METRIC: metrics.get(METRIC),
                      "epochs_run": epochs, "state": state, **dict(result.config)})
-    return sorted(rows, key=lambda r: str(r["trial_id"]))
+        order[id(rows[-1])] = (creation_index(metrics), position)
+    return sorted(rows, key=lambda r: order[id(r)])
+
+
+def creation_index(metrics: dict[str, Any]) -> float:
+    """A trial's place in the order Tune created it: the counter its searcher puts first in the trial's
+    ``experiment_tag`` (ids are random with a search algorithm, so their order means nothing)."""
+    number = str(metrics.get("experiment_tag", "")).partition("_")[0]
+    return int(number) if number.isdigit() else math.inf
 
 
 def param_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -45,7 +54,9 @@ def param_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The trial with the highest last probe score (errored trials excluded); ties go to the earlier id."""
+    """The trial with the highest last probe score (errored trials excluded) among ``rows`` in creation
+    order; a tie goes to the trial created first, as in Tune's "Current best trial" (the first of its
+    trials, in creation order, with the highest score)."""
     scored = [r for r in rows if r["state"] != "error" and r[METRIC] is not None]
     return max(scored, key=lambda r: r[METRIC], default=None)
 

@@ -24,7 +24,7 @@ import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mpmae.atomic import atomic_write_text
-from mpmae.config import ConfigError, PretrainConfig, SweepConfig, from_dict, read_config_file, to_dict
+from mpmae.config import ConfigError, PretrainConfig, SweepConfig, check_name, from_dict, read_config_file, to_dict
 from mpmae.tune.space import SearchSpace, apply_params, candidate_configs, parse_search_space
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ METRIC = "probe_score"
 TIME_ATTR = "epochs_done"
 SWEEP_FILE = "sweep.yaml"
 TRIALS_DIR = "trials"
+#: CPUs of a trial's driver function: next to none (the Train workers hold the trial's resources), and Tune
+#: refuses an empty request.
+TRIAL_CPUS = 0.01
 
 
 @dataclass
@@ -100,7 +103,7 @@ def prepare_sweep(config: SweepConfig, base: dict[str, Any] | None = None) -> Sw
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
     """The Tune driver function of one trial: a pretraining run of ``base`` with the trial's ``params``."""
-    from mpmae.train.trainer import build_trainer, describe_data
+    from mpmae.train.trainer import build_trainer, describe_data, fit
 
     data = apply_params(base, params)
     data["run"].update(name=ray.tune.get_context().get_trial_id(), storage_path=trials_dir)
@@ -110,24 +113,32 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
     if finished is not None:  # restored after its last checkpoint: Train would report nothing
         ray.tune.report(finished)
         return
-    build_trainer(config, describe_data(config), callbacks=[TuneReportCallback()]).fit()
+    fit(build_trainer(config, describe_data(config), callbacks=[TuneReportCallback()]))
 
 
 def _finished_run_metrics(run_folder: Path, epochs: int) -> dict[str, Any] | None:
     """The last report of a Train run that already checkpointed its final epoch, else None."""
-    from mpmae.train.checkpoint import load_checkpoint
+    from mpmae.train.checkpoint import newest_checkpoint
 
-    if not any(run_folder.glob("epoch-*")):
+    found = newest_checkpoint(run_folder) if run_folder.is_dir() else None
+    if found is None:  # none, or none complete: Train resumes (or refuses, naming the files) as it would
         return None
-    payload = load_checkpoint(run_folder)
-    return dict(payload["history"][-1]) if payload["epoch"] >= epochs else None
+    history = found[1].get("history") or []
+    return dict(history[-1]) if history and found[1]["epoch"] >= epochs else None
 
 
 def _trainable(sweep: Sweep) -> Any:
-    """The driver function with its fixed arguments; it needs next to no CPU (the Train workers hold the
-    trial's resources), and Tune refuses an empty request."""
+    """The driver function with its fixed arguments and its :data:`TRIAL_CPUS`."""
     fn = ray.tune.with_parameters(run_trial, base=sweep.base, trials_dir=str(sweep.folder / TRIALS_DIR))
-    return ray.tune.with_resources(fn, {"CPU": 0.01})
+    return ray.tune.with_resources(fn, {"CPU": TRIAL_CPUS})
+
+
+def _check_resources(sweep: Sweep) -> None:
+    """Refuse a sweep whose trials cannot start on this cluster (one trial's request; more run when they fit)."""
+    from mpmae.train.trainer import check_resources, data_cpus
+
+    config = from_dict(PretrainConfig, sweep.base)
+    check_resources(config.run, {**data_cpus(config), "the trial's driver": TRIAL_CPUS})
 
 
 def _search_alg(sweep: Sweep) -> Any:
@@ -190,7 +201,8 @@ def load_sweep(folder: Path) -> Sweep:
         raise FileNotFoundError(f"{path} not found: {folder} is not a sweep folder")
     content = yaml.safe_load(path.read_text())
     config = from_dict(SweepConfig, content["sweep"])
-    config.storage_path = str(folder.parent)
+    # The sweep is the folder it was found in, whatever name a (possibly planted) file gives.
+    config.storage_path, config.name = str(folder.parent), folder.name
     return prepare_sweep(config, content["base"])
 
 
@@ -204,6 +216,7 @@ def tune(config: SweepConfig) -> dict[str, Any]:
         raise FileExistsError(f"{sweep.folder} already exists; resume it with `mpmae tune --resume "
                               f"{config.name}` or choose another name")
     ensure_ray()
+    _check_resources(sweep)
     _write_sweep_file(sweep)
     return summarize(sweep, build_tuner(sweep).fit())
 
@@ -213,7 +226,8 @@ def resume(name: str, storage_path: str | Path = "runs") -> dict[str, Any]:
     from mpmae.train.trainer import ensure_ray
     from mpmae.tune.summary import summarize
 
-    sweep = load_sweep(Path(storage_path).resolve() / name)
+    sweep = load_sweep(Path(storage_path).resolve() / check_name(name, "--resume"))
     ensure_ray()
+    _check_resources(sweep)
     tuner = ray.tune.Tuner.restore(str(sweep.folder), trainable=_trainable(sweep), resume_errored=True)
     return summarize(sweep, tuner.fit())

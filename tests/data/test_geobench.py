@@ -193,7 +193,7 @@ def so2sat_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     writer.task(folder, infos, writer.new("Classification", n_classes=17, _class_names=None), stats,
                 {"train": ["s0", "s1"], "valid": [], "test": []})
     for s, label in ((0, 16), (1, 3)):
-        bands = {info.name: (info, np.full((4, 4), 0.01 * (k + 1) + s, np.float32)) for k, info in enumerate(infos)}
+        bands = {info.name: (info, np.full((32, 32), 0.01 * (k + 1) + s, np.float32)) for k, info in enumerate(infos)}
         writer.sample(folder / f"s{s}.hdf5", bands, label=label)
     return tmp_path
 
@@ -227,8 +227,8 @@ def cashew_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     seg = writer.new("SegmentationClasses", name="label", n_classes=7)
     folder = tmp_path / "segmentation_v1.0" / "m-cashew-plant"
     writer.task(folder, infos, seg, {n: (10.0, 2.0) for n in names}, {"train": [], "valid": [], "test": ["t"]})
-    label = (np.arange(36).reshape(6, 6) % 7).astype(np.int16)
-    bands = {n: (info, np.full((6, 6), 12, np.int16)) for n, info in zip(names, infos, strict=True)}
+    label = (np.arange(256 * 256).reshape(256, 256) % 7).astype(np.int16)  # the task's 256 px images
+    bands = {n: (info, np.full((256, 256), 12, np.int16)) for n, info in zip(names, infos, strict=True)}
     writer.sample(folder / "t.hdf5", {**bands, "label": (seg, label)})
     return tmp_path
 
@@ -237,9 +237,9 @@ def test_segmentation_label_map_and_alias(cashew_root: Path) -> None:
     ds = GeoBenchDataset(cashew_root, "m-cashew-plantation", "test", bands="bgr")
     assert ds.task is TASKS["m-cashew-plant"]
     x, y = ds[0]
-    assert x.shape == (3, 6, 6) and np.all(x == 1.0)
-    assert y.dtype == np.int64 and y.shape == (6, 6)
-    np.testing.assert_array_equal(y, np.arange(36).reshape(6, 6) % 7)
+    assert x.shape == (3, 256, 256) and np.all(x == 1.0)
+    assert y.dtype == np.int64 and y.shape == (256, 256)
+    np.testing.assert_array_equal(y, np.arange(256 * 256).reshape(256, 256) % 7)
 
 
 # -- restricted unpickler --------------------------------------------------------------------------

@@ -254,6 +254,41 @@ def test_band_stats_short_or_nan_for_a_selected_band(tg64: Path, tmp_path: Path)
         MMEarthDataset(folder, modalities={"sentinel2": ["B2", "B10"]})
 
 
+@pytest.mark.parametrize("std", [0.0, -1.5])
+def test_band_stats_non_positive_std_is_refused_like_nan(tg64: Path, tmp_path: Path, std: float) -> None:
+    """z-scoring divides by std: 0 turned 69 % of a band into inf (then dropped as no-data) before."""
+    folder = copy_folder(tg64, tmp_path / "f")
+
+    def flatten(stats: dict) -> None:
+        stats["sentinel1"]["std"][3] = std
+
+    edit_json(folder, "band_stats", flatten)
+    with pytest.raises(MMEarthFormatError, match=rf"_band_stats\.json: sentinel1\.std is {std} for band 'asc_HV'"):
+        MMEarthDataset(folder, modalities=["sentinel1"])
+    assert len(MMEarthDataset(folder, modalities={"sentinel1": ["asc_VV"]})) == 10  # unselected: not used
+
+
+@pytest.mark.parametrize(("value", "found"), [
+    (5, "5"), ([[1.0]] * 8, "a list of 8 item(s)"), (["1.0"] * 8, "a list of 8 item(s)"),
+    (list(range(10**5)), "a list of 100000 item(s)"),
+])
+def test_band_stats_not_a_list_of_numbers(tg64: Path, tmp_path: Path, value: object, found: str) -> None:
+    """A clear error that describes the bad value rather than printing it whole."""
+    folder = copy_folder(tg64, tmp_path / "f")
+    edit_json(folder, "band_stats", lambda stats: stats["sentinel1"].update(mean=value))
+    with pytest.raises(MMEarthFormatError, match=r"sentinel1\.mean must list 8 values") as caught:
+        MMEarthDataset(folder, modalities=["sentinel1"])
+    assert str(caught.value).endswith(f"found {found}")
+
+
+def test_wide_label_map_dtype_is_refused(tg64: Path, tmp_path: Path) -> None:
+    """Codes index a table of every possible code: uint32 would need 32 GiB, uint64 cannot be built."""
+    folder = copy_folder(tg64, tmp_path / "f", lambda name, a: a.astype(np.uint32) if name == "esa_worldcover" else a)
+    with pytest.raises(MMEarthFormatError, match="'esa_worldcover' has dtype uint32; expected an unsigned integer "
+                                                 "type of at most 16 bits"):
+        MMEarthDataset(folder, modalities=["esa_worldcover"])
+
+
 @pytest.mark.parametrize("damage", ["truncate", "text"])
 def test_truncated_or_non_hdf5_file(tg64: Path, tmp_path: Path, damage: str) -> None:
     folder = copy_folder(tg64, tmp_path / "f")

@@ -221,7 +221,7 @@ def test_refuses_non_empty_folders_and_overwrites_on_request(tmp_path: Path) -> 
     write_synthetic_mmearth(out, 3, seed=1, overwrite=True)
     assert _arrays(out) != before and len(list(out.iterdir())) == 4
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not MMEarth files"):
+    with pytest.raises(FileExistsError, match="'notes.txt' was not written by mpmae synth"):
         write_synthetic_mmearth(out, 3, overwrite=True)
     assert (out / "notes.txt").exists()
     empty = tmp_path / "empty"

@@ -9,7 +9,7 @@ from timm.layers import DropPath
 
 from mpmae.finetune.encoder import load_encoder, pooled_features, set_drop_path
 from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.train.checkpoint import CARD_FILE, ENCODER_FILE
+from mpmae.train.checkpoint import CARD_FILE, ENCODER_FILE, CheckpointError
 
 
 def write_export(folder: Path, state: dict, patch_size: int = 16) -> Path:
@@ -33,10 +33,10 @@ def test_load_export_strictly(tmp_path: Path) -> None:
     assert encoder.stages[3][1].drop_path.drop_prob == pytest.approx(0.1)
 
     extra = {**source.state_dict(), "norm.weight": torch.ones(320)}
-    with pytest.raises(RuntimeError, match="Unexpected key"):
+    with pytest.raises(CheckpointError, match=r"encoder.pt: unexpected weight 'norm.weight'"):
         load_encoder(write_export(tmp_path / "extra", extra))
     partial = {k: v for k, v in source.state_dict().items() if not k.startswith("stem.")}
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(CheckpointError, match=r"encoder.pt: missing weight 'stem."):
         load_encoder(write_export(tmp_path / "partial", partial))
 
 
