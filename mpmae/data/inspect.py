@@ -53,7 +53,8 @@ def inspect_folder(root: Path | str, sample: int = 256) -> FolderSummary:
     with open_h5(files.h5) as h5:
         present = [name for name in MODALITIES if name in h5]
         unknown = sorted(k for k in h5 if k not in MODALITIES and k != "metadata")
-        shapes = {name: (h5_dataset(h5, name).shape, str(h5_dataset(h5, name).dtype)) for name in present}
+        opened = {name: h5_dataset(h5, name) for name in present}
+        shapes = {name: (ds.shape, str(ds.dtype)) for name, ds in opened.items()}
     if not present:
         raise MMEarthFormatError(f"{files.h5}: holds none of the registry's modalities {sorted(MODALITIES)}")
     datasets = {split: MMEarthDataset(root, split, present) for split in SPLITS}
@@ -83,11 +84,12 @@ def _s2_levels(dataset: MMEarthDataset, files: MMEarthFiles, block: int = 65536)
     for start in range(0, dataset.num_tiles, block):
         for tile_id in dataset.tile_ids(np.arange(start, min(start + block, dataset.num_tiles))):
             info = dataset.tile_info.get(tile_id)
-            if not isinstance(info, dict):
-                count += 1
-                missing.extend([tile_id] if len(missing) < 3 else [])
-            else:
+            if isinstance(info, dict):
                 levels[str(info.get("S2_type", "missing")).lower()] += 1
+                continue
+            count += 1
+            if len(missing) < 3:
+                missing.append(tile_id)
     if count:
         raise MMEarthFormatError(
             f"{files.tile_info}: no entry for {count} tile id(s) of {files.h5.name}, e.g. {missing}"
