@@ -24,7 +24,7 @@ from mpmae.data.loaders import aligned_random_crop, to_batch
 from mpmae.data.mmearth import MMEarthDataset
 from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
-from mpmae.train.recipe import build_optimizer
+from mpmae.optim import build_optimizer
 from mpmae.train.step import StepGuard, forward_backward
 from mpmae.train.worker import build_model
 
@@ -66,7 +66,8 @@ def torch_trainer(*configs: PretrainConfig) -> list[tuple[float, float]]:
     """(samples/s, data-wait seconds) of the last epoch as each single-worker TorchTrainer reports it."""
     import ray
 
-    from mpmae.train.trainer import ensure_ray, pretrain
+    from mpmae.runtime.instance import ensure_ray
+    from mpmae.train.trainer import pretrain
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ensure_ray(object_store_memory=400 * 1024**2, log_to_driver=False)

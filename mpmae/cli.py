@@ -62,10 +62,10 @@ def _shard(args: argparse.Namespace) -> None:
         args.out,
         format=args.format,
         split=args.split,
-        tiles_per_shard=args.tiles_per_shard,
         modalities=args.modalities,
         overwrite=args.overwrite,
         progress=True,
+        **({"tiles_per_shard": args.tiles_per_shard} if args.tiles_per_shard is not None else {}),
     )
     print(f"wrote {len(paths)} {args.format} shard(s) to {args.out}")
 
@@ -84,7 +84,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from mpmae.train.checkpoint import export_encoder
+    from mpmae.checkpoint import export_encoder
 
     out = export_encoder(args.checkpoint, args.out)
     print(f"wrote the encoder and its model card to {out}")
@@ -101,7 +101,8 @@ def _finetune(args: argparse.Namespace) -> None:
     from mpmae.config import FinetuneRunConfig, load_config
 
     config = load_config(FinetuneRunConfig, args.config, args.overrides)
-    from mpmae.finetune.run import finetune, format_table
+    from mpmae.finetune.run import finetune
+    from mpmae.tables import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = finetune(config)
@@ -109,7 +110,8 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from mpmae.finetune.run import format_table, probe_table, write_json
+    from mpmae.evaluation.probe_table import probe_table
+    from mpmae.tables import format_table, write_results
 
     if args.out is not None and args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out")
@@ -119,7 +121,7 @@ def _probe(args: argparse.Namespace) -> None:
     rows = probe_table(encoders, args.task, data=args.data, geobench_dir=args.geobench_dir, epochs=args.epochs)
     print(format_table(rows, ["encoder", "task", "train_samples", "test_samples", "score"]))
     if args.out is not None:
-        write_json(args.out, rows)
+        write_results(args.out, rows)
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -179,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("out", type=Path)
     shard.add_argument("--format", choices=("parquet", "ffcv"), default="parquet")
     shard.add_argument("--split", choices=("train", "val", "test"), default="train")
-    shard.add_argument("--tiles-per-shard", type=int, default=1024)
+    shard.add_argument("--tiles-per-shard", type=int,
+                       help="tiles per shard (default: mpmae.data.shards.DEFAULT_TILES_PER_SHARD)")
     shard.add_argument("--modalities", default="all_mod", help="preset or comma-free modality name")
     shard.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
     shard.set_defaults(run=_shard)

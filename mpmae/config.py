@@ -17,6 +17,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from mpmae.architectures import VARIANTS
+from mpmae.modalities import resolve_selection, tasks_of
+from mpmae.tasks import get_task
+
 T = TypeVar("T")
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -394,9 +398,6 @@ def _check_run(run: RunConfig, default_part: str, default_key: str) -> None:
 
 
 def _check_model(model: ModelConfig, data: DataConfig) -> None:
-    from mpmae.modalities import resolve_selection, tasks_of
-    from mpmae.models.convnextv2 import VARIANTS
-
     if model.arch not in VARIANTS:
         raise ConfigError(f"model.arch: {model.arch!r} is not one of {sorted(VARIANTS)}")
     if model.patch_size not in (8, 16, 32):
@@ -426,8 +427,6 @@ def _check_probe(probe: ProbeConfig, data: DataConfig) -> None:
             raise ConfigError("probe.data: the land_cover probe needs an MMEarth folder when data.format is "
                               f"{data.format!r}")
         return
-    from mpmae.data.geobench import get_task
-
     try:
         kind = get_task(probe.task).kind
     except ValueError as err:
@@ -487,9 +486,6 @@ class FinetuneRunConfig:
 
     def validate(self) -> None:
         """Every key checked before Ray starts; the GEO-Bench files are checked by :func:`finetune`."""
-        from mpmae.data.geobench import get_task
-        from mpmae.models.convnextv2 import VARIANTS
-
         _check_ranges(self, "", _FINETUNE_RANGES)
         for key in ("warmup_epochs", "freeze_epochs"):
             if getattr(self, key) > self.epochs:

@@ -125,6 +125,9 @@ PIXEL_TASKS = tuple(m for m in TASK_ORDER if MODALITIES[m].level == "pixel")
 
 #: A selection maps each chosen modality to its chosen bands, in file order.
 Selection = dict[str, tuple[str, ...]]
+#: What a user may write for a modality selection: a preset name, modality names, or modality -> bands
+#: (None: all bands); :func:`resolve_selection` turns it into a :data:`Selection`.
+ModalitySpec = str | Sequence[str] | Mapping[str, Sequence[str] | None]
 
 
 def _full(names: Sequence[str]) -> Selection:
@@ -148,7 +151,7 @@ def get_modality(name: str) -> Modality:
         raise ValueError(f"unknown modality {name!r}; valid modalities: {sorted(MODALITIES)}") from None
 
 
-def resolve_selection(spec: str | Sequence[str] | Mapping[str, Sequence[str] | None]) -> Selection:
+def resolve_selection(spec: ModalitySpec) -> Selection:
     """Turn a preset name, a list of modality names or a ``{modality: bands}`` mapping into a Selection.
 
     A list (or a mapping value of ``None``) takes every band, except Sentinel-2, which defaults to its

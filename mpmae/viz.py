@@ -25,13 +25,13 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from mpmae.atomic import atomic_write, atomic_write_json
+from mpmae.checkpoint import STATE_FILE, find_checkpoint, load_weights
 from mpmae.config import PretrainConfig, from_dict
 from mpmae.data.loaders import to_batch
 from mpmae.data.mmearth import MMEarthDataset
-from mpmae.losses import NORM_PIX_EPS, patchify
 from mpmae.modalities import IMAGE_TASKS, MODALITIES, Selection
 from mpmae.models.mpmae import INPUT_MODALITY, MPMAE, MPMAEOutput, random_mask
-from mpmae.train.checkpoint import STATE_FILE, find_checkpoint, load_weights
+from mpmae.pretext_losses import NORM_PIX_EPS, patchify
 from mpmae.train.worker import build_model
 
 #: Sentinel-2 bands shown as red, green, blue.
@@ -48,7 +48,7 @@ PALETTE = np.concatenate([np.zeros((1, 3)), np.asarray(colormaps["tab20"].colors
 
 
 def unpatchify(x: Tensor, patch_size: int) -> Tensor:
-    """Inverse of `mpmae.losses.patchify` for square images: (N, L, p*p*K) -> (N, K, H, W)."""
+    """Inverse of `mpmae.pretext_losses.patchify` for square images: (N, L, p*p*K) -> (N, K, H, W)."""
     n, length, width = x.shape
     p = patch_size
     side = math.isqrt(length)

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the external realdata folder and small generated datasets."""
+"""Shared test fixtures: the external realdata folder, small generated datasets, a tiny encoder."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from mpmae.models.convnextv2 import ConvNeXtV2
+from tests.crafted.tiny import tiny_encoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +107,9 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"the Ray head's dashboard did not open port {port} within {timeout} s")
+
+
+@pytest.fixture
+def encoder() -> ConvNeXtV2:
+    """A features-only encoder of one block per stage on 3 bands (see :mod:`tests.crafted.tiny`)."""
+    return tiny_encoder()

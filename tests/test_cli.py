@@ -14,12 +14,11 @@ from mpmae.cli import main
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Run in an empty folder; a config that passes validation by mistake must not start Ray."""
-    trainer = importlib.import_module("mpmae.train.trainer")
-
     def refuse() -> None:
         raise AssertionError("Ray was started for a config that should have been refused")
 
-    monkeypatch.setattr(trainer, "ensure_ray", refuse)
+    for module in ("mpmae.runtime.instance", "mpmae.train.trainer", "mpmae.tune.sweep"):
+        monkeypatch.setattr(importlib.import_module(module), "ensure_ray", refuse)
     monkeypatch.chdir(tmp_path)
 
 
@@ -120,7 +119,8 @@ def test_a_planted_sweep_file_cannot_move_the_sweep_it_resumes(tmp_path: Path) -
 
     from mpmae.config import SweepConfig, load_config, to_dict
     from mpmae.data.synth import write_synthetic_mmearth
-    from mpmae.tune.sweep import SWEEP_FILE, load_sweep, prepare_sweep, yaml_ready
+    from mpmae.tune.plan import SWEEP_FILE, yaml_ready
+    from mpmae.tune.sweep import load_sweep, prepare_sweep
 
     repo = Path(__file__).resolve().parents[1]
     data = write_synthetic_mmearth(tmp_path / "data", tiles=40, seed=5)

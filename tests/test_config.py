@@ -128,8 +128,8 @@ def test_safe_names_pass(in_tmp: Path, name: str) -> None:
 def test_every_generated_default_name_is_safe() -> None:
     """Default run names embed the shipped configs' values, a data or encoder folder's name, a trial id."""
     from mpmae.config import FinetuneRunConfig, PretrainConfig, check_name
-    from mpmae.data.geobench import TASKS
     from mpmae.finetune.run import default_run_name as finetune_name
+    from mpmae.tasks import TASKS
     from mpmae.train.trainer import default_run_name as pretrain_name
 
     configs = sorted(p for p in Path("configs").glob("*.yaml")

@@ -30,7 +30,7 @@ from mpmae.dashboards import (
     provision,
     render_all,
 )
-from mpmae.metrics import METRICS, NODE_GPU_UTILIZATION, NODE_GRAM_USED
+from mpmae.telemetry import METRICS, NODE_GPU_UTILIZATION, NODE_GRAM_USED
 
 PROVISION = importlib.import_module("mpmae.dashboards.provision")  # the package exports a function of that name
 

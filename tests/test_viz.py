@@ -10,11 +10,11 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from mpmae.checkpoint import TrainState, save_checkpoint
 from mpmae.config import DataConfig, ModelConfig, PretrainConfig, to_dict
 from mpmae.data.synth import write_synthetic_mmearth
-from mpmae.losses import NORM_PIX_EPS, patchify
 from mpmae.modalities import IMAGE_TASKS, PIXEL_TASKS
-from mpmae.train.checkpoint import TrainState, save_checkpoint
+from mpmae.pretext_losses import NORM_PIX_EPS, patchify
 from mpmae.train.worker import build_model
 from mpmae.viz import (
     IMAGE_TASKS_FILE,

@@ -12,7 +12,7 @@ from mpmae.dashboards.promql import (
     rate_of_sum,
     series,
 )
-from mpmae.metrics import (
+from mpmae.telemetry import (
     CHECKPOINT_SECONDS,
     DATA_WAIT_SECONDS,
     LEARNING_RATE,

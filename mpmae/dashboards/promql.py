@@ -1,4 +1,4 @@
-"""PromQL for the dashboards, built from the metric specs of :mod:`mpmae.metrics`.
+"""PromQL for the dashboards, built from the metric specs of :mod:`mpmae.telemetry`.
 
 Every query is filtered by the dashboard variables ``$SessionName`` and ``$run`` (and ``$rank`` for per-rank
 timings); rates use Grafana's ``$__rate_interval``.
@@ -6,7 +6,7 @@ timings); rates use Grafana's ``$__rate_interval``.
 
 from __future__ import annotations
 
-from mpmae.metrics import (
+from mpmae.telemetry import (
     NODE_ADDRESS_LABEL,
     NODE_IP_LABEL,
     RANK_TAG,

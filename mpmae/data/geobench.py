@@ -32,13 +32,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
 from mpmae.modalities import SENTINEL2_BANDS, SENTINEL2_BGR_BANDS, SENTINEL2_INPUT_BANDS
+from mpmae.tasks import GeoBenchTask, get_task
 
 try:  # numpy >= 2 (numpy 1.26 also ships these modules for reading numpy 2 pickles)
     from numpy._core import multiarray as _multiarray
@@ -47,9 +48,7 @@ except ImportError:  # pragma: no cover - numpy < 1.26
     from numpy.core import multiarray as _multiarray
     from numpy.core import numeric as _numeric
 
-Kind = Literal["multilabel", "multiclass", "segmentation"]
-
-SPLITS = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}
+SPLIT_FOLDERS = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}
 PARTITIONS = (
     "default", "0.01x_train", "0.02x_train", "0.05x_train", "0.10x_train", "0.20x_train", "0.50x_train",
     "1.00x_train",
@@ -70,52 +69,6 @@ class GeoBenchFormatError(ValueError):
     """A folder, file, key or value does not match the GEO-Bench v1.0 format."""
 
 
-# -- task registry ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GeoBenchTask:
-    """One GEO-Bench task as MMEarth evaluates it (spec 5.1, 5.2).
-
-    ``substitutes`` maps a Sentinel-2 band the task lacks to the band read in its place; the stored
-    mean/std are divided by ``stats_divisor`` (So2Sat's pixels are reflectances, its stats x10000).
-    """
-
-    name: str
-    benchmark: str
-    kind: Kind
-    num_classes: int
-    image_size: int  # native side in pixels, informational
-    substitutes: tuple[tuple[str, str], ...] = ()
-    stats_divisor: float = 1.0
-
-
-# m-eurosat and m-brick-kiln: upstream geo-bench reports that their stored band names do not match the
-# pixel channels (geo-bench issues #28, #29); like the reference, this reader trusts the stored names.
-TASKS: dict[str, GeoBenchTask] = {
-    t.name: t
-    for t in (
-        GeoBenchTask("m-bigearthnet", "classification_v1.0", "multilabel", 43, 120),
-        GeoBenchTask("m-so2sat", "classification_v1.0", "multiclass", 17, 32,
-                     substitutes=(("B1", "B2"), ("B9", "B8A")), stats_divisor=10000.0),
-        GeoBenchTask("m-eurosat", "classification_v1.0", "multiclass", 10, 64),
-        GeoBenchTask("m-brick-kiln", "classification_v1.0", "multiclass", 2, 64),
-        GeoBenchTask("m-cashew-plant", "segmentation_v1.0", "segmentation", 7, 256),
-        GeoBenchTask("m-SA-crop-type", "segmentation_v1.0", "segmentation", 10, 256),
-    )
-}
-#: The paper and the reference's docs call m-cashew-plant "m-cashew-plantation" (spec 7 item 23).
-TASK_ALIASES = {"m-cashew-plantation": "m-cashew-plant"}
-
-
-def get_task(name: str) -> GeoBenchTask:
-    """The registry entry for ``name`` (or an alias); raises ``ValueError`` listing the valid names."""
-    task = TASKS.get(TASK_ALIASES.get(name, name))
-    if task is None:
-        raise ValueError(
-            f"unknown GEO-Bench task {name!r}; valid tasks: {list(TASKS)} (aliases: {TASK_ALIASES})"
-        )
-    return task
 
 
 def resolve_bands(bands: str | Sequence[str], band_order: str = "canonical") -> tuple[str, ...]:
@@ -482,7 +435,7 @@ def _partition_names(folder: Path, partition: str, split: str) -> list[str]:
         present = sorted(p.name.removesuffix("_partition.json") for p in folder.glob("*_partition.json"))
         raise GeoBenchFormatError(f"{path}: partition file missing; partitions present: {present}")
     content = _load_json(path)
-    key = SPLITS[split]
+    key = SPLIT_FOLDERS[split]
     names = content.get(key) if isinstance(content, Mapping) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         found = [_brief(k) for k in list(content)[:10]] if isinstance(content, Mapping) else _brief(content)
@@ -576,8 +529,8 @@ class GeoBenchDataset:
         bands: str | Sequence[str] = "full",
         band_order: str = "canonical",
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
+        if split not in SPLIT_FOLDERS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLIT_FOLDERS)}")
         if partition not in PARTITIONS:
             raise ValueError(f"unknown partition {partition!r}; valid partitions: {list(PARTITIONS)}")
         self.task = get_task(task)
@@ -622,6 +575,10 @@ class GeoBenchDataset:
         # float64 arithmetic, then float32, as the reference does.
         x = ((raw - self._mean64) / self._std64).astype(np.float32)
         return x, np.stack([p[1] for p in pairs])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as tensors: what an in-memory linear probe trains or scores on."""
+        return to_tensors(*self.read_batch(range(len(self))))
 
     def _read_sample(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         path = self.folder / f"{name}.hdf5"

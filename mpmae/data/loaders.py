@@ -40,9 +40,8 @@ from mpmae.data.shards import (
     find_shards,
     read_shard_metadata,
 )
-from mpmae.modalities import MODALITIES, Selection, resolve_selection
+from mpmae.modalities import MODALITIES, ModalitySpec, Selection, resolve_selection
 
-ModalitySpec = str | Sequence[str] | Mapping[str, Sequence[str] | None]
 TensorBatch = dict[str, Any]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpmae.modalities import Modality, Selection, class_lookup, get_modality, resolve_selection
+from mpmae.modalities import Modality, ModalitySpec, Selection, class_lookup, get_modality, resolve_selection
 
 SPLITS = ("train", "val", "test")
 S2_TYPES = ("l1c", "l2a")
@@ -151,7 +151,7 @@ class MMEarthDataset:
         self,
         root: Path | str,
         split: str = "train",
-        modalities: str | Sequence[str] | Mapping[str, Sequence[str] | None] = "all_mod",
+        modalities: ModalitySpec = "all_mod",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from mpmae.atomic import atomic_write, atomic_write_text
 from mpmae.data.mmearth import Batch, MMEarthDataset
-from mpmae.modalities import MODALITIES, Modality, Selection, get_modality
+from mpmae.modalities import MODALITIES, Modality, ModalitySpec, Selection, get_modality
 
 ShardFormat = Literal["parquet", "ffcv"]
 EXTENSIONS: dict[str, str] = {"parquet": "parquet", "ffcv": "beton"}
@@ -372,7 +372,7 @@ def write_shards(
     format: ShardFormat = "parquet",
     split: str = "train",
     tiles_per_shard: int = DEFAULT_TILES_PER_SHARD,
-    modalities: str | Sequence[str] | Mapping[str, Sequence[str] | None] = "all_mod",
+    modalities: ModalitySpec = "all_mod",
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[Path]:

@@ -1,11 +1,11 @@
 """GEO-Bench evaluation: split-level metrics, losses, linear probing and fine-tuning (spec 5)."""
 
-from mpmae.finetune.encoder import load_encoder, set_drop_path
+from mpmae.evaluation.linear_probe import extract_features, linear_probe, score_head, train_head
+from mpmae.evaluation.split_metrics import MeanIoU, MulticlassAccuracy, MultilabelF1, make_metric
+from mpmae.evaluation.task_losses import make_loss
+from mpmae.export import load_encoder, set_drop_path
 from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, FitResult, evaluate, fit
-from mpmae.finetune.losses import make_loss
-from mpmae.finetune.metrics import MeanIoU, MulticlassAccuracy, MultilabelF1, TaskKind, make_metric
-from mpmae.finetune.optim import WarmupCosine, layer_id, param_groups
-from mpmae.finetune.probe import extract_features, linear_probe, score_head, train_head
+from mpmae.optim import WarmupCosine, layer_decay_groups, layer_id
 
 __all__ = [
     "Classifier",
@@ -15,7 +15,6 @@ __all__ = [
     "MeanIoU",
     "MulticlassAccuracy",
     "MultilabelF1",
-    "TaskKind",
     "WarmupCosine",
     "evaluate",
     "extract_features",
@@ -25,7 +24,7 @@ __all__ = [
     "load_encoder",
     "make_loss",
     "make_metric",
-    "param_groups",
+    "layer_decay_groups",
     "score_head",
     "set_drop_path",
     "train_head",

@@ -18,12 +18,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mpmae.finetune.encoder import stage_depths
-from mpmae.finetune.losses import make_loss
-from mpmae.finetune.metrics import Mean, TaskKind, make_metric
-from mpmae.finetune.optim import WarmupCosine, apply_lr, param_groups
-from mpmae.finetune.probe import new_head
+from mpmae.evaluation.linear_probe import new_head
+from mpmae.evaluation.split_metrics import Mean, make_metric
+from mpmae.evaluation.task_losses import make_loss
+from mpmae.export import stage_depths
 from mpmae.models.convnextv2 import ConvNeXtV2
+from mpmae.optim import WarmupCosine, apply_lr, layer_decay_groups
+from mpmae.tasks import TaskKind
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -99,7 +100,7 @@ class Finetuner:
 
     def _groups(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[dict]:
         c = self.config
-        return param_groups(named_parameters, self.depths, weight_decay=c.weight_decay, layer_decay=c.layer_decay)
+        return layer_decay_groups(named_parameters, self.depths, weight_decay=c.weight_decay, layer_decay=c.layer_decay)
 
     def unfreeze_encoder(self) -> None:
         """Phase 2: the encoder trains too, its layer-decay groups added to the optimizer."""

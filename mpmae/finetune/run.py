@@ -9,7 +9,6 @@ rule picks. The results JSON and the printed table come from the driver.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,15 @@ import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mpmae.atomic import atomic_write_json
+from mpmae.checkpoint import atomic_save, check_keys, load_file, mark_complete
 from mpmae.config import ConfigError, FinetuneRunConfig, from_dict, is_uri, to_dict
-from mpmae.data.geobench import GeoBenchDataset, get_task
-from mpmae.finetune.encoder import encoder_from
+from mpmae.data.geobench import GeoBenchDataset
+from mpmae.export import encoder_from
 from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate
-from mpmae.finetune.probe import linear_probe
 from mpmae.models.unet import UNet
-from mpmae.train.checkpoint import atomic_save, check_keys, load_file, mark_complete
-from mpmae.train.worker import channels_last, quiet_report_logs, report_with_checkpoint
+from mpmae.runtime.run import channels_last, quiet_report_logs, report_with_checkpoint
+from mpmae.tables import write_results
+from mpmae.tasks import get_task
 
 STATE_FILE = "finetune.pt"
 STATE_KEYS = ("finetuner", "history", "best", "config")
@@ -136,7 +135,8 @@ def default_run_name(config: FinetuneRunConfig) -> str:
 
 def finetune(config: FinetuneRunConfig) -> dict[str, Any]:
     """Run an evaluation on Ray Train and write ``results.json`` into the run folder (never overwritten)."""
-    from mpmae.train.trainer import check_resources, ensure_ray, fit, train_run_config
+    from mpmae.runtime.instance import check_resources, ensure_ray
+    from mpmae.runtime.run import fit, train_run_config
 
     name = config.run.name or default_run_name(config)
     if is_uri(config.run.storage_path):
@@ -158,56 +158,7 @@ def finetune(config: FinetuneRunConfig) -> dict[str, Any]:
     metrics = fit(trainer).metrics
     results = {"task": config.task, "mode": config.mode, "encoder": config.encoder or "random",
                "partition": config.partition, "select": config.select, **metrics}
-    write_json(results_path, results)
+    write_results(results_path, results)
     return results
 
 
-def probe_table(
-    encoders: Sequence[str | None], task: str, *, data: str | Path | None = None, geobench_dir: str | None = None,
-    crop_size: int = 56, epochs: int = 100, seed: int = 0,
-) -> list[dict[str, Any]]:
-    """In-process linear probes of several encoders (None = random init) on one task, as table rows.
-
-    ``task="land_cover"`` is the held-out synthetic task of an MMEarth folder ``data`` (probe trained on its
-    val split, scored on test); any GEO-Bench task trains on train and is scored on test.
-    """
-    from mpmae.data.downstream import NUM_CLASSES, land_cover_task
-
-    rows = []
-    for source in encoders:
-        encoder, card = encoder_from(source)
-        bands = tuple(card["bands"])
-        if task == "land_cover":
-            if data is None:
-                raise ValueError("the land_cover task needs --data, an MMEarth folder")
-            train, test = (land_cover_task(data, s, crop_size, bands) for s in ("val", "test"))
-            kind, classes = "multiclass", NUM_CLASSES
-        else:
-            spec = get_task(task)
-            train, test = (_tensors(GeoBenchDataset(geobench_dir, task, s, bands=list(bands)))
-                           for s in ("train", "test"))
-            kind, classes = spec.kind, spec.num_classes
-        score = linear_probe(encoder, train, test, kind=kind, num_classes=classes, epochs=epochs, seed=seed)
-        rows.append({"encoder": str(source) if source else "random init", "task": task,
-                     "train_samples": len(train[1]), "test_samples": len(test[1]), "score": score})
-    return rows
-
-
-def _tensors(dataset: GeoBenchDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = dataset.read_batch(range(len(dataset)))
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A plain-text table of ``rows`` for the terminal."""
-    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def write_json(path: Path, content: Any) -> None:
-    """Results JSON (numpy and tensor scalars as floats), written atomically into a created folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, content, default=float)

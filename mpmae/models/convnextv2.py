@@ -10,50 +10,11 @@ fine-tuning, so pretraining and fine-tuning see the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
-from mpmae.models.reference import Conventions, get_conventions
-
-
-@dataclass(frozen=True)
-class ConvNeXtSpec:
-    """Blocks per stage and channels per stage of one ConvNeXt V2 size."""
-
-    depths: tuple[int, ...]
-    dims: tuple[int, ...]
-
-
-VARIANTS: dict[str, ConvNeXtSpec] = {
-    "atto": ConvNeXtSpec((2, 2, 6, 2), (40, 80, 160, 320)),
-    "femto": ConvNeXtSpec((2, 2, 6, 2), (48, 96, 192, 384)),
-    "pico": ConvNeXtSpec((2, 2, 6, 2), (64, 128, 256, 512)),
-    "nano": ConvNeXtSpec((2, 2, 8, 2), (80, 160, 320, 640)),
-    "tiny": ConvNeXtSpec((3, 3, 9, 3), (96, 192, 384, 768)),
-    "base": ConvNeXtSpec((3, 3, 27, 3), (128, 256, 512, 1024)),
-    "large": ConvNeXtSpec((3, 3, 27, 3), (192, 384, 768, 1536)),
-    "huge": ConvNeXtSpec((3, 3, 27, 3), (352, 704, 1408, 2816)),
-}
-
-
-#: The stems: MMEarth's 3x3 conv + depthwise patch stem (default) and ConvNeXt V2's single patch conv.
-STEMS = ("modified", "original")
-
-
-def get_spec(arch: str | ConvNeXtSpec) -> ConvNeXtSpec:
-    """A variant by name (``VARIANTS``) or an explicit spec, validated."""
-    if isinstance(arch, ConvNeXtSpec):
-        spec = arch
-    elif arch in VARIANTS:
-        spec = VARIANTS[arch]
-    else:
-        raise ValueError(f"unknown ConvNeXt V2 variant {arch!r}; valid: {list(VARIANTS)}")
-    if len(spec.depths) != 4 or len(spec.dims) != 4:
-        raise ValueError(f"a ConvNeXt V2 spec has 4 stages, got depths {spec.depths} and dims {spec.dims}")
-    return spec
+from mpmae.architectures import STEMS, Conventions, ConvNeXtSpec, get_conventions, get_spec
 
 
 class GRN(nn.Module):

@@ -13,16 +13,17 @@ one LayerNorm per trunk.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from mpmae.losses import build_aggregator, task_loss
-from mpmae.modalities import MODALITIES, Selection, resolve_selection, tasks_of
-from mpmae.models.convnextv2 import Block, ConvNeXtSpec, ConvNeXtV2, init_weights
+from mpmae.architectures import ConvNeXtSpec
+from mpmae.modalities import MODALITIES, ModalitySpec, Selection, resolve_selection, tasks_of
+from mpmae.models.convnextv2 import Block, ConvNeXtV2, init_weights
+from mpmae.pretext_losses import build_aggregator, task_loss
 
 INPUT_MODALITY = "sentinel2"
 
@@ -33,7 +34,7 @@ class MPMAEConfig:
 
     arch: str | ConvNeXtSpec = "atto"
     patch_size: int = 8
-    selection: str | Sequence[str] | Mapping[str, Sequence[str] | None] = "all_mod"
+    selection: ModalitySpec = "all_mod"
     decoder: Literal["shared", "per_task"] = "shared"
     decoder_dim: int = 512
     decoder_depth: int = 1
@@ -50,7 +51,7 @@ class MPMAEConfig:
 class MPMAEOutput:
     """Total loss, per-task losses (tensors, no host sync), predictions and the patch mask (1 = masked).
 
-    Pixel-level predictions are (N, L, p*p*K) in `mpmae.losses.patchify` layout; image-level (N, K).
+    Pixel-level predictions are (N, L, p*p*K) in `mpmae.pretext_losses.patchify` layout; image-level (N, K).
     """
 
     loss: Tensor

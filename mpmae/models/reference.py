@@ -16,37 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from mpmae.modalities import MODALITIES
-
-
-@dataclass(frozen=True)
-class Conventions:
-    """The knobs on which the default and the reference ConvNeXt V2 differ."""
-
-    initial_conv_padding: int
-    pad_stem: bool
-    grn_eps: float
-    remask: bool
-
-
-CONVENTIONS = {
-    "default": Conventions(initial_conv_padding=1, pad_stem=False, grn_eps=1e-6, remask=True),
-    "reference": Conventions(initial_conv_padding=0, pad_stem=True, grn_eps=1e-4, remask=False),
-}
-
-
-def get_conventions(architecture: str) -> Conventions:
-    """The conventions of ``architecture``; raises ``ValueError`` listing the valid names."""
-    try:
-        return CONVENTIONS[architecture]
-    except KeyError:
-        raise ValueError(f"unknown architecture {architecture!r}; valid: {sorted(CONVENTIONS)}") from None
-
+from mpmae.models.convnextv2 import ConvNeXtV2
 
 #: First key components of the bare encoder (the fine-tuning classifier's checkpoint has no prefix).
 _ENCODER_ROOTS = ("initial_conv", "stem", "stem_orig", "downsample_layers", "stages", "norm", "head")
@@ -140,8 +115,6 @@ def load_reference_state_dict(
     trains them), and the pretraining-only keys (decoder, heads, mask token, log-variances) when
     ``module`` is a bare encoder.
     """
-    from mpmae.models.convnextv2 import ConvNeXtV2  # local: convnextv2 imports this module
-
     decoder = getattr(getattr(module, "config", None), "decoder", "shared")
     converted = convert_reference_state_dict(state_dict, decoder=decoder)
     bare = isinstance(module, ConvNeXtV2)

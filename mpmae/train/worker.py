@@ -5,15 +5,14 @@ offset per sample, step the model with the recipe's per-iteration learning rate,
 every rank and a checkpoint from rank 0. With a probe configured, reports and checkpoints come every
 ``probe.every_epochs`` epochs, each with rank 0's probe score. Resuming picks up at the epoch after the
 latest checkpoint, with the global step count continuing. Step times and epoch values also go to Ray's
-application metrics (:mod:`mpmae.metrics`), which the Grafana dashboards show.
+application metrics (:mod:`mpmae.telemetry`), which the Grafana dashboards show.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,20 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from mpmae.config import PretrainConfig, from_dict
-from mpmae.data.loaders import aligned_random_crop, ffcv_loader, iter_ray_batches
-from mpmae.metrics import RunMetrics
-from mpmae.models.mpmae import MPMAE, MPMAEConfig
-from mpmae.train.checkpoint import (
+from mpmae.checkpoint import (
     TrainState,
     checkpoint_name,
     find_checkpoint,
-    reporting_full_disk,
     restore,
     save_checkpoint,
 )
-from mpmae.train.probe import load_probe_task
-from mpmae.train.recipe import build_optimizer, learning_rate, set_learning_rate
+from mpmae.config import PretrainConfig, from_dict
+from mpmae.data.loaders import aligned_random_crop, ffcv_loader, iter_ray_batches
+from mpmae.evaluation.probe_task import load_probe_task
+from mpmae.models.mpmae import MPMAE, MPMAEConfig
+from mpmae.optim import build_optimizer, learning_rate, set_learning_rate
+from mpmae.runtime.run import channels_last, quiet_report_logs, report_with_checkpoint
+from mpmae.telemetry import RunMetrics
 from mpmae.train.step import LossMeter, StepGuard, forward_backward, unwrap
 
 log = logging.getLogger(__name__)
@@ -49,22 +48,6 @@ def build_model(config: PretrainConfig) -> MPMAE:
         decoder_dim=model.decoder_dim, decoder_depth=model.decoder_depth, loss_aggregation=model.loss,
         task_weights=model.task_weights, norm_pix_loss=model.norm_pix_loss, mask_ratio=model.mask_ratio,
     ))
-
-
-def channels_last(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with its convolution weights in the channels-last layout of the activations they see.
-
-    The encoder runs channels-last, so conv backward makes channels-last weight gradients. A depthwise
-    weight (C, 1, k, k) is the one shape where autograd keeps such a gradient although its strides differ
-    from the contiguous weight's (only in the size-1 dimension); DDP then finds the gradient's strides
-    unlike its bucket view's and warns ("Grad strides do not match bucket view strides"). Weights in the
-    layout of their gradients match in every dimension. Only convolutions: other 4-d parameters (GRN's
-    (1, 1, 1, C) scales) act on channels-last maps permuted to NHWC and get contiguous gradients.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            module.to(memory_format=torch.channels_last)
-    return model
 
 
 def _batches(config: PretrainConfig, rank: int, world: int, epoch: int, per_worker: int,
@@ -118,18 +101,6 @@ def _broadcast(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(tensor, src=0)
     return float(tensor.item())
-
-
-def quiet_report_logs() -> None:
-    """Keep Ray Train's per-report log line (each rank, each report, the whole metrics dict) out of the log.
-
-    Ray Train 2.60 names that logger by its file's path (``ray/train/v2/_internal/execution/context.py``)
-    rather than ``ray.train...``, so the RunConfig's ``LoggingConfig``, which sets the level of Ray
-    Train's loggers, misses it, and the root logger Ray Train sets up in each worker passes it at INFO.
-    """
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -222,7 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def resume_source(reported: ray.train.Checkpoint | None,
                   plan: Mapping[str, Any] | None) -> ray.train.Checkpoint | None:
     """The checkpoint to resume from: Ray's latest when this run wrote it (a restarted worker group), else
-    the one the driver checked (:func:`mpmae.train.checkpoint.plan_resume`).
+    the one the driver checked (:func:`mpmae.checkpoint.plan_resume`).
 
     A run started again gets Ray's latest from its record in storage, which may be the broken checkpoint
     the driver skipped; every folder already in storage when the driver looked is in ``plan["taken"]``.
@@ -233,21 +204,3 @@ def resume_source(reported: ray.train.Checkpoint | None,
     return ray.train.Checkpoint(plan["from"]) if plan["from"] else None
 
 
-def _storage_place(name: str) -> str:
-    """Where Ray copies checkpoint ``name`` of this run in storage."""
-    return ray.train.get_context().get_storage().build_checkpoint_path_from_name(name)
-
-
-def report_with_checkpoint(metrics: dict[str, Any], rank: int, write: Callable[[Path], Any], name: str) -> None:
-    """Every rank reports (Ray's barrier); rank 0 writes the checkpoint folder and attaches it.
-
-    A full disk while Ray copies the folder into storage is one line naming the place. The partial copy
-    stays (Ray's), but readers take only a folder whose files match its ``complete.json``.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            write(Path(tmp))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        with reporting_full_disk(_storage_place(name) if rank == 0 else name, "copying the checkpoint into storage"):
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)

@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from mpmae.atomic import atomic_write, atomic_write_json, atomic_write_text
-from mpmae.train.checkpoint import export_encoder, resolve_checkpoint
+from mpmae.checkpoint import export_encoder, resolve_checkpoint
+from mpmae.tables import format_table
+from mpmae.tune.plan import METRIC, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 from mpmae.tune.space import TASK_WEIGHTS, apply_params
-from mpmae.tune.sweep import METRIC, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 
 FIXED_COLUMNS = ("trial_id", METRIC, "epochs_run", "state")
 
@@ -63,7 +64,6 @@ def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """The table for the terminal."""
-    from mpmae.finetune.run import format_table
 
     filled = [{c: _cell(r.get(c)) for c in columns} for r in rows]
     return format_table(filled, columns)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +24,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from mpmae.atomic import atomic_write_text
 from mpmae.config import ConfigError, PretrainConfig, SweepConfig, check_name, from_dict, read_config_file, to_dict
-from mpmae.tune.space import SearchSpace, apply_params, candidate_configs, parse_search_space
+from mpmae.runtime.instance import ensure_ray
+from mpmae.tune.plan import METRIC, SWEEP_FILE, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
+from mpmae.tune.space import apply_params, candidate_configs, parse_search_space
+from mpmae.tune.summary import summarize
 
 log = logging.getLogger(__name__)
 
-METRIC = "probe_score"
-TIME_ATTR = "epochs_done"
-SWEEP_FILE = "sweep.yaml"
-TRIALS_DIR = "trials"
 #: CPUs of a trial's driver function: next to none (the Train workers hold the trial's resources), and Tune
 #: refuses an empty request.
 TRIAL_CPUS = 0.01
-
-
-@dataclass
-class Sweep:
-    """A validated sweep: its config, the resolved base pretraining config dict and the search space."""
-
-    config: SweepConfig
-    base: dict[str, Any]
-    space: SearchSpace
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.config.storage_path).resolve() / self.config.name
-
-    @property
-    def epochs(self) -> int:
-        return int(self.base["optim"]["epochs"])
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,7 +84,8 @@ def prepare_sweep(config: SweepConfig, base: dict[str, Any] | None = None) -> Sw
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
     """The Tune driver function of one trial: a pretraining run of ``base`` with the trial's ``params``."""
-    from mpmae.train.trainer import build_trainer, describe_data, fit
+    from mpmae.runtime.run import fit
+    from mpmae.train.trainer import build_trainer, describe_data
 
     data = apply_params(base, params)
     data["run"].update(name=ray.tune.get_context().get_trial_id(), storage_path=trials_dir)
@@ -118,7 +100,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
 
 def _finished_run_metrics(run_folder: Path, epochs: int) -> dict[str, Any] | None:
     """The last report of a Train run that already checkpointed its final epoch, else None."""
-    from mpmae.train.checkpoint import newest_checkpoint
+    from mpmae.checkpoint import newest_checkpoint
 
     found = newest_checkpoint(run_folder) if run_folder.is_dir() else None
     if found is None:  # none, or none complete: Train resumes (or refuses, naming the files) as it would
@@ -135,7 +117,8 @@ def _trainable(sweep: Sweep) -> Any:
 
 def _check_resources(sweep: Sweep) -> None:
     """Refuse a sweep whose trials cannot start on this cluster (one trial's request; more run when they fit)."""
-    from mpmae.train.trainer import check_resources, data_cpus
+    from mpmae.runtime.instance import check_resources
+    from mpmae.train.trainer import data_cpus
 
     config = from_dict(PretrainConfig, sweep.base)
     check_resources(config.run, {**data_cpus(config), "the trial's driver": TRIAL_CPUS})
@@ -185,15 +168,6 @@ def _write_sweep_file(sweep: Sweep) -> None:
     atomic_write_text(sweep.folder / SWEEP_FILE, yaml.safe_dump(yaml_ready(content), sort_keys=False))
 
 
-def yaml_ready(value: Any) -> Any:
-    """Tuples as lists, so that ``yaml.safe_dump`` writes them."""
-    if isinstance(value, Mapping):
-        return {k: yaml_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [yaml_ready(v) for v in value]
-    return value
-
-
 def load_sweep(folder: Path) -> Sweep:
     """The sweep saved in ``folder`` (its ``sweep.yaml``), validated again."""
     path = folder / SWEEP_FILE
@@ -208,9 +182,6 @@ def load_sweep(folder: Path) -> Sweep:
 
 def tune(config: SweepConfig) -> dict[str, Any]:
     """Run a new sweep to completion and write its summary (see :mod:`mpmae.tune.summary`)."""
-    from mpmae.train.trainer import ensure_ray
-    from mpmae.tune.summary import summarize
-
     sweep = prepare_sweep(config)
     if sweep.folder.exists():
         raise FileExistsError(f"{sweep.folder} already exists; resume it with `mpmae tune --resume "
@@ -223,9 +194,6 @@ def tune(config: SweepConfig) -> dict[str, Any]:
 
 def resume(name: str, storage_path: str | Path = "runs") -> dict[str, Any]:
     """Continue an interrupted sweep: finished trials stay, unfinished and errored ones resume."""
-    from mpmae.train.trainer import ensure_ray
-    from mpmae.tune.summary import summarize
-
     sweep = load_sweep(Path(storage_path).resolve() / check_name(name, "--resume"))
     ensure_ray()
     _check_resources(sweep)

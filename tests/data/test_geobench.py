@@ -23,16 +23,15 @@ import torch
 
 from mpmae.data.geobench import (
     REFERENCE_FULL_BANDS,
-    TASKS,
     GeoBenchDataset,
     GeoBenchFormatError,
     canonical_band_name,
-    get_task,
     resolve_bands,
     safe_loads,
     to_tensors,
 )
 from mpmae.modalities import SENTINEL2_INPUT_BANDS
+from mpmae.tasks import TASKS, get_task
 
 BEN = "m-bigearthnet"
 SPLIT_SIZES = {"train": 4, "val": 1, "test": 1}

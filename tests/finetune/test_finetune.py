@@ -8,8 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate, fit
 from mpmae.models.convnextv2 import ConvNeXtV2
-
-from .conftest import templated_images, tiny_encoder
+from tests.crafted.tiny import templated_images, tiny_encoder
 
 
 def test_classifier_overfits_a_separable_problem(encoder: ConvNeXtV2) -> None:

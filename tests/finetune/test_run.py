@@ -9,7 +9,9 @@ import pytest
 
 from mpmae.config import FinetuneRunConfig, load_config
 from mpmae.data.synth import write_synthetic_mmearth
-from mpmae.finetune.run import finetune, format_table, probe_table
+from mpmae.evaluation.probe_table import probe_table
+from mpmae.finetune.run import finetune
+from mpmae.tables import format_table
 
 
 @pytest.mark.ray

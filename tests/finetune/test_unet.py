@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mpmae.architectures import ConvNeXtSpec
 from mpmae.finetune.finetune import FinetuneConfig, Finetuner
-from mpmae.models.convnextv2 import ConvNeXtSpec, ConvNeXtV2
+from mpmae.models.convnextv2 import ConvNeXtV2
 from mpmae.models.unet import UNet
-
-from .conftest import TINY, tiny_encoder
+from tests.crafted.tiny import TINY, tiny_encoder
 
 
 @pytest.mark.parametrize(("patch_size", "size"), [(8, (32, 32)), (16, (32, 48)), (8, (36, 20))])

@@ -6,7 +6,8 @@ import pytest
 import timm
 import torch
 
-from mpmae.models.convnextv2 import GRN, STEMS, VARIANTS, ConvNeXtSpec, ConvNeXtV2
+from mpmae.architectures import STEMS, VARIANTS, ConvNeXtSpec
+from mpmae.models.convnextv2 import GRN, ConvNeXtV2
 
 TINY = ConvNeXtSpec((1, 1, 2, 1), (8, 16, 24, 32))
 

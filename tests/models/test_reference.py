@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from mpmae.losses import UncertaintyWeighting, patchify
 from mpmae.modalities import TASK_ORDER
 from mpmae.models import (
     ConvNeXtSpec,
@@ -18,6 +17,7 @@ from mpmae.models import (
     convert_reference_state_dict,
     load_reference_state_dict,
 )
+from mpmae.pretext_losses import UncertaintyWeighting, patchify
 
 #: The golden run's targets with no-data: the reference regressed them to 0, we ignore them.
 NAN_TASKS = ("sentinel1", "canopy_height_eth")

@@ -15,12 +15,7 @@ import pytest
 import ray.train
 import torch
 
-from mpmae.cli import main
-from mpmae.config import DataConfig, ModelConfig, PretrainConfig, to_dict
-from mpmae.finetune.encoder import encoder_from, load_encoder
-from mpmae.finetune.run import load_state, save_state
-from mpmae.train import worker
-from mpmae.train.checkpoint import (
+from mpmae.checkpoint import (
     COMPLETE_FILE,
     STATE_FILE,
     CheckpointError,
@@ -36,7 +31,13 @@ from mpmae.train.checkpoint import (
     restore,
     save_checkpoint,
 )
-from mpmae.train.worker import build_model, report_with_checkpoint, resume_source
+from mpmae.cli import main
+from mpmae.config import DataConfig, ModelConfig, PretrainConfig, to_dict
+from mpmae.export import encoder_from, load_encoder
+from mpmae.finetune.run import load_state, save_state
+from mpmae.runtime import run
+from mpmae.runtime.run import report_with_checkpoint
+from mpmae.train.worker import build_model, resume_source
 from mpmae.tune.sweep import _finished_run_metrics
 from tests.crafted.checkpoints import (
     code_running_export,
@@ -272,7 +273,7 @@ def test_a_full_disk_during_ray_s_copy_names_the_place(tmp_path: Path, monkeypat
         raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
 
     monkeypatch.setattr(ray.train, "report", report)
-    monkeypatch.setattr(worker, "_storage_place", lambda name: f"/storage/run/{name}")
+    monkeypatch.setattr(run, "_storage_place", lambda name: f"/storage/run/{name}")
     with pytest.raises(StorageFullError) as raised:
         report_with_checkpoint({}, 0, lambda folder: small_state(folder), "epoch-0003")
     assert raised.value.filename == "/storage/run/epoch-0003"
@@ -295,7 +296,7 @@ def test_readers_take_the_newest_complete_checkpoint(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     _damaged_run(run)
-    with caplog.at_level(logging.WARNING, logger="mpmae.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mpmae.checkpoint"):
         assert resolve_checkpoint(run) == run / "epoch-0002" / STATE_FILE
     skipped = "\n".join(caplog.messages)
     assert f"{run / 'epoch-0005' / COMPLETE_FILE}: unreadable" in skipped
@@ -316,7 +317,7 @@ def test_readers_take_the_newest_complete_checkpoint(
 def test_the_driver_resumes_from_the_newest_loadable_checkpoint(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _damaged_run(tmp_path / "run")
-    with caplog.at_level(logging.WARNING, logger="mpmae.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mpmae.checkpoint"):
         plan = plan_resume(str(tmp_path), "run")
     assert plan == {"from": str(tmp_path / "run" / "epoch-0002"),
                     "taken": [f"epoch-000{e}" for e in range(1, 6)]}

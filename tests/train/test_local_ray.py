@@ -14,7 +14,7 @@ import pytest
 SCRIPT = """
 import ray
 from ray._private.utils import read_ray_address
-from mpmae.train.trainer import ensure_ray
+from mpmae.runtime.instance import ensure_ray
 
 ensure_ray()
 print(ray.get_runtime_context().gcs_address, read_ray_address(), ray.cluster_resources()["CPU"])
@@ -27,7 +27,7 @@ import sys, time
 from pathlib import Path
 import ray, ray.train
 from ray.train.torch import TorchTrainer
-from mpmae.train.trainer import ensure_ray
+from mpmae.runtime.instance import ensure_ray
 
 def hold(config):
     Path(config["started"]).touch()

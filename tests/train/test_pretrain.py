@@ -15,12 +15,12 @@ import h5py
 import pytest
 import torch
 
+from mpmae.checkpoint import export_encoder, load_checkpoint
 from mpmae.config import ConfigError, PretrainConfig, load_config
 from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.finetune import Classifier, load_encoder
 from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.train.checkpoint import export_encoder, load_checkpoint
 from mpmae.train.trainer import describe_data, pretrain
 
 REPO = Path(__file__).resolve().parents[2]

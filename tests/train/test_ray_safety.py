@@ -18,7 +18,9 @@ import torch
 from mpmae.config import ConfigError, PretrainConfig, RunConfig, load_config
 from mpmae.data.mmearth import MMEarthDataset, MMEarthFormatError
 from mpmae.data.synth import write_synthetic_mmearth
-from mpmae.train.trainer import lasting_error, pretrain, resource_shortfall
+from mpmae.runtime.instance import resource_shortfall
+from mpmae.runtime.run import lasting_error
+from mpmae.train.trainer import pretrain
 from tests.crafted.mmearth import write_corrupt_chunk
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,8 +77,9 @@ def test_ddp_gradients_match_their_bucket_views(synth: Path) -> None:
     import torch.distributed as dist
 
     from mpmae.data.loaders import aligned_random_crop
+    from mpmae.runtime.run import channels_last
     from mpmae.train.step import forward_backward
-    from mpmae.train.worker import build_model, channels_last
+    from mpmae.train.worker import build_model
 
     config = _config(synth, synth.parent, "ddp")
     batch = {k: torch.as_tensor(v) for k, v in MMEarthDataset(synth, "train", config.model.targets)

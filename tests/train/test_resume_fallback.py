@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from mpmae.checkpoint import load_checkpoint
 from mpmae.config import PretrainConfig, load_config
 from mpmae.data.synth import write_synthetic_mmearth
-from mpmae.train.checkpoint import load_checkpoint
 from mpmae.train.trainer import pretrain
 from tests.crafted.checkpoints import truncated
 
@@ -30,7 +30,7 @@ def test_a_truncated_latest_checkpoint_is_skipped_on_resume(
     run = tmp_path / "runs" / "cut"
     truncated(run / "epoch-0002" / "state.pt")  # Ray's record still names it as the latest
 
-    with caplog.at_level(logging.WARNING, logger="mpmae.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mpmae.checkpoint"):
         result = pretrain(config)  # max_failures=0: a worker failing to load it would fail the run
     assert f"skipping a checkpoint: {run / 'epoch-0002' / 'state.pt'}: incomplete" in caplog.text
     assert Path(result.checkpoint.path).name == "epoch-0002.1"  # the broken one is neither reused nor lost

@@ -92,12 +92,12 @@ def test_invalid_sweep_fails_before_ray_or_any_trial(
     synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`tune` validates first: Ray is never joined and no sweep folder is written."""
-    import mpmae.train.trainer
+    import mpmae.tune.sweep
 
     def no_ray() -> None:
         raise AssertionError("tune() reached Ray with an invalid sweep")
 
-    monkeypatch.setattr(mpmae.train.trainer, "ensure_ray", no_ray)
+    monkeypatch.setattr(mpmae.tune.sweep, "ensure_ray", no_ray)
     cases = [
         (["search.model.decoder_dim={uniform: [64, 128]}"], "unknown key"),
         (["pretrain.model.targets=[sentinel2, biome]", "search.model.loss=weighted",
@@ -129,7 +129,7 @@ def test_data_must_hold_every_candidate_target(synth: Path, tmp_path: Path) -> N
 
 def test_a_trial_restored_after_its_final_checkpoint_reports_its_last_epoch_again(tmp_path: Path) -> None:
     """Train would report nothing for a run that already checkpointed its last epoch; Tune still needs a result."""
-    from mpmae.train.checkpoint import atomic_save
+    from mpmae.checkpoint import atomic_save
     from mpmae.tune.sweep import _finished_run_metrics
 
     run = tmp_path / "trial"

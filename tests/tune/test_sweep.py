@@ -16,7 +16,8 @@ import pytest
 from mpmae.config import PretrainConfig, SweepConfig, load_config
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.finetune import load_encoder
-from mpmae.tune.sweep import TRIALS_DIR, resume, tune
+from mpmae.tune.plan import TRIALS_DIR
+from mpmae.tune.sweep import resume, tune
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mpmae.finetune.losses import make_loss
+from mpmae.evaluation.task_losses import make_loss
 
 
 def test_multilabel_bce_label_smoothing_hand_computed() -> None:

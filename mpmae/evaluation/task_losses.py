@@ -8,7 +8,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpmae.finetune.metrics import TASK_KINDS, TaskKind
+from mpmae.tasks import TASK_KINDS, TaskKind
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

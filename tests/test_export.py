@@ -7,9 +7,9 @@ import pytest
 import torch
 from timm.layers import DropPath
 
-from mpmae.finetune.encoder import load_encoder, pooled_features, set_drop_path
+from mpmae.checkpoint import CARD_FILE, ENCODER_FILE, CheckpointError
+from mpmae.export import load_encoder, pooled_features, set_drop_path
 from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.train.checkpoint import CARD_FILE, ENCODER_FILE, CheckpointError
 
 
 def write_export(folder: Path, state: dict, patch_size: int = 16) -> Path:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mpmae.config import PretrainConfig
-from mpmae.finetune.metrics import TaskKind
-from mpmae.finetune.probe import linear_probe
+from mpmae.evaluation.linear_probe import linear_probe
 from mpmae.modalities import resolve_selection
 from mpmae.models.convnextv2 import ConvNeXtV2
+from mpmae.tasks import TaskKind
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,13 +48,14 @@ def load_probe_task(config: PretrainConfig) -> ProbeTask:
     bands = resolve_selection(config.model.targets)["sentinel2"]
     if probe.task == "land_cover":
         return _land_cover(config, bands)
-    from mpmae.data.geobench import GeoBenchDataset, get_task
+    from mpmae.data.geobench import GeoBenchDataset
+    from mpmae.tasks import get_task
 
     spec = get_task(probe.task)
     pairs = []
     for split in ("train", "val"):
         dataset = GeoBenchDataset(probe.geobench_dir, probe.task, split, bands=list(bands))
-        pairs.append(_tensors(*dataset.read_batch(range(len(dataset)))))
+        pairs.append(dataset.tensors())
     return ProbeTask(probe.task, pairs[0], pairs[1], spec.kind, spec.num_classes, probe.epochs, config.run.seed)
 
 
@@ -70,6 +70,3 @@ def _land_cover(config: PretrainConfig, bands: tuple[str, ...]) -> ProbeTask:
     return ProbeTask("land_cover", (x[:half], y[:half]), (x[half:], y[half:]), "multiclass", NUM_CLASSES,
                      config.probe.epochs, config.run.seed)
 
-
-def _tensors(x: np.ndarray, y: np.ndarray) -> Pair:
-    return torch.from_numpy(x), torch.from_numpy(y)

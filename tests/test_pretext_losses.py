@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpmae.losses import (
+from mpmae.modalities import MODALITIES, TASK_ORDER
+from mpmae.pretext_losses import (
     UncertaintyWeighting,
     build_aggregator,
     image_classification_loss,
@@ -17,7 +18,6 @@ from mpmae.losses import (
     pixel_segmentation_loss,
     task_loss,
 )
-from mpmae.modalities import MODALITIES, TASK_ORDER
 
 
 def test_patchify_layout_is_row_col_channel_within_a_patch():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mpmae.finetune.finetune import Classifier
-from mpmae.finetune.optim import WarmupCosine, apply_lr, layer_id, param_groups
 from mpmae.models.convnextv2 import ConvNeXtV2
+from mpmae.optim import WarmupCosine, apply_lr, layer_decay_groups, layer_id
 
 ATTO = (2, 2, 6, 2)
 
@@ -38,7 +38,7 @@ def test_layer_id_without_prefix_for_a_plain_classifier() -> None:
 
 def test_atto_groups_scales_and_weight_decay() -> None:
     model = Classifier(ConvNeXtV2(4, "atto", 8, features_only=True), num_classes=3)
-    groups = param_groups(model.named_parameters(), ATTO, weight_decay=0.3, layer_decay=0.9)
+    groups = layer_decay_groups(model.named_parameters(), ATTO, weight_decay=0.3, layer_decay=0.9)
     assert sorted({g["layer_id"] for g in groups}) == list(range(14))
     for g in groups:
         assert g["lr_scale"] == pytest.approx(0.9 ** (13 - g["layer_id"]))
@@ -63,7 +63,7 @@ def test_atto_groups_scales_and_weight_decay() -> None:
 def test_frozen_parameters_are_left_out() -> None:
     model = Classifier(ConvNeXtV2(4, "atto", 8, features_only=True), num_classes=3)
     model.encoder.requires_grad_(False)
-    groups = param_groups(model.named_parameters(), ATTO, weight_decay=0.3, layer_decay=0.9)
+    groups = layer_decay_groups(model.named_parameters(), ATTO, weight_decay=0.3, layer_decay=0.9)
     assert {g["layer_id"] for g in groups} == {13}
     assert sum(len(g["params"]) for g in groups) == 4  # norm weight/bias, head weight/bias
 

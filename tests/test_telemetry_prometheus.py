@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from mpmae import metrics
+from mpmae import telemetry
+from mpmae.checkpoint import load_checkpoint
 from mpmae.config import PretrainConfig, load_config
 from mpmae.dashboards import DASHBOARDS
 from mpmae.dashboards.model import Panel, Variable
 from mpmae.data.synth import write_synthetic_mmearth
-from mpmae.metrics import CHECKPOINT_SECONDS, LOSS, METRICS, PROBE_SCORE, SKIPPED_STEPS, RunMetrics
-from mpmae.train.checkpoint import load_checkpoint
+from mpmae.telemetry import CHECKPOINT_SECONDS, LOSS, METRICS, PROBE_SCORE, SKIPPED_STEPS, RunMetrics
 from mpmae.train.trainer import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_prometheus_names_follow_ray_export_rules() -> None:
 class FakeMetric:
     """Records what RunMetrics hands to a Ray metric."""
 
-    def __init__(self, spec: metrics.MetricSpec, tags: dict[str, str]) -> None:
+    def __init__(self, spec: telemetry.MetricSpec, tags: dict[str, str]) -> None:
         self.defaults = {k: v for k, v in tags.items() if k in spec.tags}
         self.calls: list[tuple[str, float, dict[str, str] | None]] = []
 
@@ -71,12 +71,12 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, FakeMetric], li
     registered: dict[str, FakeMetric] = {}
     clock = [0.0]
 
-    def register(spec: metrics.MetricSpec, tags: dict[str, str]) -> FakeMetric:
+    def register(spec: telemetry.MetricSpec, tags: dict[str, str]) -> FakeMetric:
         registered[spec.name] = FakeMetric(spec, tags)
         return registered[spec.name]
 
-    monkeypatch.setattr(metrics, "_register", register)
-    monkeypatch.setattr(metrics, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(telemetry, "_register", register)
+    monkeypatch.setattr(telemetry, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     return registered, clock
 
 

@@ -15,11 +15,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from mpmae.finetune.encoder import pooled_features
-from mpmae.finetune.losses import make_loss
-from mpmae.finetune.metrics import TaskKind, make_metric
-from mpmae.finetune.optim import WarmupCosine, apply_lr
+from mpmae.evaluation.split_metrics import make_metric
+from mpmae.evaluation.task_losses import make_loss
+from mpmae.export import pooled_features
 from mpmae.models.convnextv2 import ConvNeXtV2
+from mpmae.optim import WarmupCosine, apply_lr
+from mpmae.tasks import TaskKind
 
 #: A split: all images and labels as two tensors, or any iterable of (images, labels) batches.
 Split = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]

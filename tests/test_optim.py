@@ -9,7 +9,7 @@ import torch
 
 from mpmae.config import ConfigError, OptimConfig, PretrainConfig, load_config
 from mpmae.models.mpmae import MPMAE, MPMAEConfig
-from mpmae.train.recipe import build_optimizer, learning_rate, no_weight_decay, param_groups
+from mpmae.optim import build_optimizer, learning_rate, no_weight_decay, param_groups
 from mpmae.train.step import NonFiniteLossError, StepGuard, forward_backward
 from mpmae.train.trainer import default_run_name
 

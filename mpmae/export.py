@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from mpmae.checkpoint import CARD_FILE, ENCODER_FILE, CheckpointError, load_file, load_weights
 from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.train.checkpoint import CARD_FILE, ENCODER_FILE, CheckpointError, load_file, load_weights
 
 #: A model card is a few KiB (the run config included); more is not one.
 _CARD_MAX_BYTES = 1024 * 1024
@@ -96,8 +96,8 @@ def encoder_from(
 ) -> tuple[ConvNeXtV2, dict[str, Any]]:
     """An encoder and its model card from an export folder, a training checkpoint or run folder, or
     (``source=None``) a randomly initialised ``arch`` encoder on the 12 default input bands."""
+    from mpmae.checkpoint import encoder_weights, find_checkpoint, model_card
     from mpmae.modalities import SENTINEL2_INPUT_BANDS
-    from mpmae.train.checkpoint import encoder_weights, find_checkpoint, model_card
 
     if source is None:
         encoder = ConvNeXtV2(len(SENTINEL2_INPUT_BANDS), arch, patch_size, drop_path_rate=drop_path_rate,

@@ -8,14 +8,11 @@ the counts of every data-parallel rank with one ``all_reduce``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-TaskKind = Literal["multilabel", "multiclass", "segmentation"]
-TASK_KINDS: tuple[str, ...] = ("multilabel", "multiclass", "segmentation")
+from mpmae.tasks import TASK_KINDS, TaskKind
 
 
 class Accumulator:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mpmae.finetune.metrics import Mean, MeanIoU, MulticlassAccuracy, MultilabelF1, make_metric
+from mpmae.evaluation.split_metrics import Mean, MeanIoU, MulticlassAccuracy, MultilabelF1, make_metric
 
 
 def one_hot_logits(pred: torch.Tensor, num_classes: int) -> torch.Tensor:

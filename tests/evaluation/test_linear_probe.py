@@ -4,11 +4,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mpmae.finetune.encoder import set_drop_path
-from mpmae.finetune.probe import extract_features, linear_probe, score_head, train_head
+from mpmae.evaluation.linear_probe import extract_features, linear_probe, score_head, train_head
+from mpmae.export import set_drop_path
 from mpmae.models.convnextv2 import ConvNeXtV2
-
-from .conftest import templated_images
+from tests.crafted.tiny import templated_images
 
 FAST = {"epochs": 30, "lr": 1e-2, "weight_decay": 0.0, "batch_size": 8, "smoothing": 0.0}
 

@@ -1,0 +1,59 @@
+"""The downstream tasks: GEO-Bench's, by name, with their kind and class count (spec 5.1, 5.2).
+
+Plain data with no heavy imports, so that configs are checked against it before anything else loads;
+:mod:`mpmae.data.geobench` reads the task folders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+#: What a task predicts: several labels per image, one class per image, or one class per pixel.
+TaskKind = Literal["multilabel", "multiclass", "segmentation"]
+TASK_KINDS: tuple[str, ...] = ("multilabel", "multiclass", "segmentation")
+
+
+@dataclass(frozen=True)
+class GeoBenchTask:
+    """One GEO-Bench task as MMEarth evaluates it (spec 5.1, 5.2).
+
+    ``substitutes`` maps a Sentinel-2 band the task lacks to the band read in its place; the stored
+    mean/std are divided by ``stats_divisor`` (So2Sat's pixels are reflectances, its stats x10000).
+    """
+
+    name: str
+    benchmark: str
+    kind: TaskKind
+    num_classes: int
+    image_size: int  # native side in pixels, informational
+    substitutes: tuple[tuple[str, str], ...] = ()
+    stats_divisor: float = 1.0
+
+
+# m-eurosat and m-brick-kiln: upstream geo-bench reports that their stored band names do not match the
+# pixel channels (geo-bench issues #28, #29); like the reference, this reader trusts the stored names.
+TASKS: dict[str, GeoBenchTask] = {
+    t.name: t
+    for t in (
+        GeoBenchTask("m-bigearthnet", "classification_v1.0", "multilabel", 43, 120),
+        GeoBenchTask("m-so2sat", "classification_v1.0", "multiclass", 17, 32,
+                     substitutes=(("B1", "B2"), ("B9", "B8A")), stats_divisor=10000.0),
+        GeoBenchTask("m-eurosat", "classification_v1.0", "multiclass", 10, 64),
+        GeoBenchTask("m-brick-kiln", "classification_v1.0", "multiclass", 2, 64),
+        GeoBenchTask("m-cashew-plant", "segmentation_v1.0", "segmentation", 7, 256),
+        GeoBenchTask("m-SA-crop-type", "segmentation_v1.0", "segmentation", 10, 256),
+    )
+}
+#: The paper and the reference's docs call m-cashew-plant "m-cashew-plantation" (spec 7 item 23).
+TASK_ALIASES = {"m-cashew-plantation": "m-cashew-plant"}
+
+
+def get_task(name: str) -> GeoBenchTask:
+    """The registry entry for ``name`` (or an alias); raises ``ValueError`` listing the valid names."""
+    task = TASKS.get(TASK_ALIASES.get(name, name))
+    if task is None:
+        raise ValueError(
+            f"unknown GEO-Bench task {name!r}; valid tasks: {list(TASKS)} (aliases: {TASK_ALIASES})"
+        )
+    return task

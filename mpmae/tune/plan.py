@@ -1,0 +1,48 @@
+"""A validated sweep and the layout of its folder, shared by the sweep runner and its summary."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpmae.config import SweepConfig
+from mpmae.tune.space import SearchSpace
+
+METRIC = "probe_score"
+
+
+TIME_ATTR = "epochs_done"
+
+
+SWEEP_FILE = "sweep.yaml"
+
+
+TRIALS_DIR = "trials"
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: its config, the resolved base pretraining config dict and the search space."""
+
+    config: SweepConfig
+    base: dict[str, Any]
+    space: SearchSpace
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.storage_path).resolve() / self.config.name
+
+    @property
+    def epochs(self) -> int:
+        return int(self.base["optim"]["epochs"])
+
+
+def yaml_ready(value: Any) -> Any:
+    """Tuples as lists, so that ``yaml.safe_dump`` writes them."""
+    if isinstance(value, Mapping):
+        return {k: yaml_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [yaml_ready(v) for v in value]
+    return value
