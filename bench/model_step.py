@@ -19,8 +19,9 @@ import time
 
 import torch
 
+from mpmae.config import ModelConfig
 from mpmae.modalities import MODALITIES, resolve_selection
-from mpmae.models import build_mpmae
+from mpmae.models import MPMAE
 
 CONFIGS = ((56, 8), (112, 16))
 
@@ -45,7 +46,7 @@ def measure(side: int, patch: int, args: argparse.Namespace) -> dict[str, float]
     """Median and best time of ``args.steps`` timed steps after ``args.warmup`` untimed ones, peak RSS."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_mpmae(arch=args.arch, patch_size=patch, decoder=args.decoder)
+    model = MPMAE(ModelConfig(arch=args.arch, patch_size=patch, decoder=args.decoder))
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()

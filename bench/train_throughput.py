@@ -24,9 +24,9 @@ from mpmae.data.loaders import aligned_random_crop, to_batch
 from mpmae.data.mmearth import MMEarthDataset
 from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
+from mpmae.models import MPMAE
 from mpmae.optim import build_optimizer
 from mpmae.train.step import StepGuard, forward_backward
-from mpmae.train.worker import build_model
 
 BATCH = 16
 THREADS = 2
@@ -44,7 +44,7 @@ def plain_loop(config: PretrainConfig) -> float:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     dataset = MMEarthDataset(config.data.path, "train", config.model.targets)
-    model = build_model(config)
+    model = MPMAE(config.model)
     optimizer = build_optimizer(model, config.optim)
     guard = StepGuard(config.run.max_nonfinite_steps)
     generator = torch.Generator().manual_seed(0)

@@ -1,11 +1,10 @@
-"""Training checkpoints (atomic, complete state) and the encoder export with its model card.
+"""Training checkpoints: atomic, complete state, safe to load, and the plan for resuming from them.
 
 A checkpoint folder holds ``state.pt``: model, optimizer, scheduler and scaler state, epoch, global
 step, the run's config, the data position, the normalisation statistics the model was trained with and
 the per-epoch metrics so far (so that loss curves need nothing but the checkpoint), then ``complete.json``,
 written last, with the size of every file: a folder whose copy into storage was cut short (a full disk)
-is never taken for a checkpoint. The export is what fine-tuning needs and nothing else: ``encoder.pt``
-(a plain tensor state dict, loadable by ``torch.load`` without mpmae) and ``model_card.json``.
+is never taken for a checkpoint. The encoder export made from a checkpoint is :mod:`mpmae.export`'s.
 
 Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so that no
 code runs from a file planted in shared storage. Whatever is not a tensor (config, history, data position)
@@ -34,8 +33,6 @@ from mpmae.atomic import atomic_write, atomic_write_json
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-ENCODER_FILE = "encoder.pt"
-CARD_FILE = "model_card.json"
 COMPLETE_FILE = "complete.json"
 CHECKPOINT_FORMAT = "mpmae-checkpoint/1"
 #: What ``state.pt`` must hold, and everything it may hold.
@@ -365,65 +362,3 @@ def plan_resume(storage: str, name: str) -> dict[str, Any] | None:
                               f"loadable (the newest: {folders[0] / STATE_FILE}; see the warnings above); "
                               "choose another run.name")
     return {"from": str(found[0].parent), "taken": sorted(p.name for p in folders)}
-
-
-# -- export -------------------------------------------------------------------------------------------------
-
-
-def export_encoder(checkpoint: Path | str, out: Path | str) -> Path:
-    """Write the encoder's plain state dict and a JSON model card into ``out`` (refusing to overwrite)."""
-    file, payload = find_checkpoint(checkpoint)
-    out = Path(out)
-    existing = [out / name for name in (ENCODER_FILE, CARD_FILE) if (out / name).exists()]
-    if existing:
-        raise FileExistsError(f"{existing[0]} already exists; choose another output folder")
-    encoder = encoder_weights(payload, file)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save(encoder, out / ENCODER_FILE)
-    with reporting_full_disk(out / CARD_FILE, "writing it"):
-        atomic_write_json(out / CARD_FILE, model_card(payload, file))
-    return out
-
-
-def encoder_weights(payload: Mapping[str, Any], file: Path | str) -> dict[str, torch.Tensor]:
-    """The ``encoder.*`` tensors of a checkpoint's model, without the prefix."""
-    prefix = "encoder."
-    model = payload["model"]
-    if not isinstance(model, dict):
-        raise CheckpointError(f"{file}: its 'model' is a {type(model).__name__}, not a dict of tensors")
-    encoder = {k[len(prefix):]: v.clone() for k, v in model.items()
-               if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
-    if not encoder:
-        raise CheckpointError(f"{file}: the checkpoint's model holds no encoder weights")
-    return encoder
-
-
-def model_card(payload: Mapping[str, Any], file: Path | str = STATE_FILE) -> dict[str, Any]:
-    """What a fine-tuning run needs to rebuild and feed the encoder (``file``: the checkpoint, for errors)."""
-    try:
-        return _model_card(payload)
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{file}: its run config does not describe a model ({type(err).__name__}: "
-                              f"{str(err)[:120]})") from None
-
-
-def _model_card(payload: Mapping[str, Any]) -> dict[str, Any]:
-    from mpmae.modalities import resolve_selection
-
-    config = payload["config"]
-    model, data = config["model"], config["data"]
-    return {
-        "format": "mpmae-encoder/1",
-        "architecture": {
-            "arch": model["arch"], "patch_size": model["patch_size"],
-            "stem": model.get("stem", "modified"), "conventions": "default",
-        },
-        "input_size": data["crop_size"],
-        "patch_size": model["patch_size"],
-        "input_modality": "sentinel2",
-        "bands": list(resolve_selection(model["targets"])["sentinel2"]),
-        "normalisation": payload.get("norm_stats", {}),
-        "pretext_tasks": list(resolve_selection(model["targets"])),
-        "trained": {"epochs": payload["epoch"], "steps": payload["step"]},
-        "run_config": config,
-    }

@@ -84,7 +84,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from mpmae.checkpoint import export_encoder
+    from mpmae.export import export_encoder
 
     out = export_encoder(args.checkpoint, args.out)
     print(f"wrote the encoder and its model card to {out}")
@@ -98,9 +98,9 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from mpmae.config import FinetuneRunConfig, load_config
+    from mpmae.config import FinetuneConfig, load_config
 
-    config = load_config(FinetuneRunConfig, args.config, args.overrides)
+    config = load_config(FinetuneConfig, args.config, args.overrides)
     from mpmae.finetune.run import finetune
     from mpmae.tables import format_table
 

@@ -164,20 +164,23 @@ def _schema_problem(document: Any, schema: Mapping[str, Any]) -> _Problem | None
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+    if (error.validator == "additionalProperties" and isinstance(error.instance, dict)
+            and isinstance(error.schema, Mapping)):
         known = set(error.schema.get("properties", {}))
         patterns = list(error.schema.get("patternProperties", {}))
         unknown = sorted(k for k in error.instance if k not in known and not any(re.search(p, k) for p in patterns))
         allowed = f" (allowed: {', '.join(sorted(known))})" if known else ""
         return f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{allowed}"
     for candidate in _error_chain(error):
-        if "description" in candidate.schema and candidate.validator in ("anyOf", "oneOf", "pattern", "enum"):
+        if (isinstance(candidate.schema, Mapping) and "description" in candidate.schema
+                and candidate.validator in ("anyOf", "oneOf", "pattern", "enum")):
             return f"{candidate.instance!r} is not {candidate.schema['description']}"
     return error.message
 
 
-def _error_chain(error: jsonschema.ValidationError) -> Iterator[jsonschema.ValidationError]:
-    current: jsonschema.ValidationError | None = error
+def _error_chain(error: jsonschema.ValidationError) -> Iterator[jsonschema.exceptions._Error]:
+    # ``_Error``: what the stubs type ``parent`` as (ValidationError's base; the parents are ValidationErrors).
+    current: jsonschema.exceptions._Error | None = error
     while current is not None:
         yield current
         current = current.parent

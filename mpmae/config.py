@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from mpmae.architectures import VARIANTS
+from mpmae.architectures import VARIANTS, ConvNeXtSpec
 from mpmae.modalities import resolve_selection, tasks_of
 from mpmae.tasks import get_task
 
@@ -118,7 +118,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         raise ConfigError(f"{path or '<root>'}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    renamed = RENAMED_KEYS.get(cls, {})
     for key in data:
+        if key in renamed and key not in names:
+            raise ConfigError(f"{path}{key}: renamed to {path}{renamed[key]}")
         if key not in names:
             raise ConfigError(f"{path}{key}: unknown key; valid keys here: {names}")
     values = {name: _coerce(data[name], hints[name], f"{path}{name}") for name in names if name in data}
@@ -247,9 +250,10 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The MP-MAE: encoder variant, patching, pretext tasks, decoder and loss aggregation (spec 2, 3)."""
+    """The MP-MAE: encoder variant, patching, pretext tasks, decoder and loss aggregation (docs/method.md)."""
 
-    arch: str = "atto"
+    #: A variant name; a `ConvNeXtSpec` only in hand-built configs (validation accepts names).
+    arch: str | ConvNeXtSpec = "atto"
     patch_size: int = 8
     stem: Literal["modified", "original"] = "modified"
     targets: str | list[str] | dict[str, list[str]] = "all_mod"
@@ -260,11 +264,15 @@ class ModelConfig:
     norm_pix_loss: bool = True
     loss: Literal["uncertainty", "unweighted", "weighted"] = "uncertainty"
     task_weights: dict[str, float] | None = None
+    #: "reference": the upstream code's conventions (padding, masking, GRN eps), for its golden outputs.
+    architecture: Literal["default", "reference"] = "default"
+    #: Stochastic depth of the pretraining encoder, rising linearly over its blocks to this rate.
+    drop_path: float = 0.0
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    """The recipe of spec 4: AdamW, lr = blr x effective batch / 256, warmup then cosine."""
+    """The pretraining recipe (docs/method.md): AdamW, lr = blr x effective batch / 256, warmup then cosine."""
 
     batch_size: int = 256
     accum_steps: int = 1
@@ -409,14 +417,14 @@ def _check_model(model: ModelConfig, data: DataConfig) -> None:
     if not 0.0 < model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio: {model.mask_ratio} must lie strictly between 0 and 1")
     # depth 0: the heads read the projected encoder features directly
-    _check_ranges(model, "model.", {"decoder_dim": AT_LEAST_1, "decoder_depth": NON_NEGATIVE})
+    _check_ranges(model, "model.", {"decoder_dim": AT_LEAST_1, "decoder_depth": NON_NEGATIVE, "drop_path": FRACTION})
     try:
         selection = resolve_selection(model.targets)
     except ValueError as err:
         raise ConfigError(f"model.targets: {err}") from None
     if "sentinel2" not in selection:
         raise ConfigError("model.targets: must include sentinel2, the encoder input")
-    _check_task_weights(model, tasks_of(selection))
+    check_task_weights(model.loss, model.task_weights, tasks_of(selection))
 
 
 def _check_probe(probe: ProbeConfig, data: DataConfig) -> None:
@@ -435,12 +443,21 @@ def _check_probe(probe: ProbeConfig, data: DataConfig) -> None:
         raise ConfigError(f"probe.task: {probe.task!r} is a segmentation task; a linear probe needs classification")
 
 
-def _check_task_weights(model: ModelConfig, tasks: list[str]) -> None:
-    if model.loss != "weighted":
-        if model.task_weights is not None:
-            raise ConfigError(f"model.task_weights: only used with model.loss 'weighted', not {model.loss!r}")
+def check_task_weights(
+    loss: str, task_weights: Mapping[str, float] | None, tasks: Sequence[str], required: bool = False
+) -> None:
+    """The one check of ``model.task_weights`` against ``model.loss`` and the pretext ``tasks``.
+
+    Config validation and the loss aggregator (hand-built configs skip validation) both call it;
+    ``required``: the aggregator needs the mapping itself, validation lets ``weighted`` leave it unset.
+    """
+    if loss != "weighted":
+        if task_weights is not None:
+            raise ConfigError(f"model.task_weights: only used with model.loss 'weighted', not {loss!r}")
         return
-    weights = model.task_weights or {}
+    if task_weights is None and required:
+        raise ConfigError("model.task_weights: loss aggregation 'weighted' needs task_weights")
+    weights = task_weights or {}
     unknown = sorted(set(weights) - set(tasks))
     if unknown:
         raise ConfigError(f"model.task_weights: {unknown} are not pretext tasks of model.targets {tasks}")
@@ -453,11 +470,12 @@ def _check_task_weights(model: ModelConfig, tasks: list[str]) -> None:
 
 
 @dataclasses.dataclass
-class FinetuneRunConfig:
-    """A GEO-Bench evaluation run (spec 5): linear probe or fine-tune, U-Net for segmentation tasks.
+class FinetuneConfig:
+    """A GEO-Bench evaluation run (docs/method.md): linear probe or fine-tune, U-Net for segmentation tasks.
 
     ``encoder`` is an `mpmae export` folder, a pretraining checkpoint or run folder, or null for a
-    randomly initialised ``arch`` / ``patch_size`` encoder. lr = blr x batch_size / 256.
+    randomly initialised ``arch`` / ``patch_size`` encoder. lr = blr x batch_size / 256. The same object
+    drives :class:`mpmae.finetune.finetune.Finetuner`, which takes the task's kind and classes beside it.
     """
 
     task: str = "m-bigearthnet"
@@ -484,6 +502,11 @@ class FinetuneRunConfig:
     def lr(self) -> float:
         return self.blr * self.batch_size / 256
 
+    @property
+    def frozen_epochs(self) -> int:
+        """Epochs with the encoder frozen: all of them for a linear probe, else ``freeze_epochs``."""
+        return self.epochs if self.mode == "linear_probe" else self.freeze_epochs
+
     def validate(self) -> None:
         """Every key checked before Ray starts; the GEO-Bench files are checked by :func:`finetune`."""
         _check_ranges(self, "", _FINETUNE_RANGES)
@@ -506,6 +529,14 @@ class FinetuneRunConfig:
             )
         check_storage(self.run.storage_path, "run.storage_path")
 
+
+#: Keys that were renamed (old -> new), per config class: an old key's error names the new one.
+RENAMED_KEYS: dict[type, dict[str, str]] = {
+    # the model's library-level config had its own names before ModelConfig became the only one
+    ModelConfig: {"selection": "targets", "loss_aggregation": "loss"},
+    # the in-process fine-tuning recipe took an absolute lr; the one config takes blr (lr = blr x batch / 256)
+    FinetuneConfig: {"lr": "blr", "drop_path_rate": "drop_path"},
+}
 
 _FINETUNE_RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "blr": POSITIVE, "min_lr": NON_NEGATIVE,
                     "warmup_epochs": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,

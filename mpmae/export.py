@@ -1,20 +1,35 @@
-"""The pretrained encoder for evaluation: rebuilt from an export (model card + weights) or taken in memory."""
+"""The encoder export: what evaluation needs of a pretraining checkpoint and nothing else, and the encoder
+rebuilt from it (or from a checkpoint, or taken in memory).
+
+An export folder holds ``encoder.pt`` (a plain tensor state dict, loadable by ``torch.load`` without mpmae)
+and ``model_card.json`` (architecture, input bands, normalisation, the run config).
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath
-from torch import Tensor, nn
 
-from mpmae.checkpoint import CARD_FILE, ENCODER_FILE, CheckpointError, load_file, load_weights
+from mpmae.atomic import atomic_write_json
+from mpmae.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    atomic_save,
+    find_checkpoint,
+    load_file,
+    load_weights,
+    reporting_full_disk,
+)
+from mpmae.modalities import SENTINEL2_INPUT_BANDS, resolve_selection
 from mpmae.models.convnextv2 import ConvNeXtV2
 
+ENCODER_FILE = "encoder.pt"
+CARD_FILE = "model_card.json"
 #: A model card is a few KiB (the run config included); more is not one.
 _CARD_MAX_BYTES = 1024 * 1024
 
@@ -32,7 +47,7 @@ def load_encoder(
         if not source.features_only:
             raise ValueError("expected a features_only encoder (the pretraining encoder or an export)")
         encoder = copy.deepcopy(source)
-        set_drop_path(encoder, drop_path_rate)
+        encoder.set_drop_path(drop_path_rate)
         return encoder, None
     folder = Path(source)
     card = read_card(folder / CARD_FILE)
@@ -69,36 +84,11 @@ def read_card(path: Path) -> dict[str, Any]:
     return card
 
 
-def set_drop_path(encoder: ConvNeXtV2, rate: float) -> None:
-    """Drop-path rates ``linspace(0, rate)`` over the blocks in order, replacing the current ones."""
-    blocks = [block for stage in encoder.stages for block in stage]
-    for block, block_rate in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist(), strict=True):
-        block.drop_path = DropPath(block_rate) if block_rate > 0 else nn.Identity()
-
-
-def stage_depths(encoder: ConvNeXtV2) -> tuple[int, ...]:
-    """Blocks per stage, read off the modules (the layer-decay ids need them)."""
-    return tuple(len(stage) for stage in encoder.stages)
-
-
-def pooled_features(encoder: ConvNeXtV2, x: Tensor) -> Tensor:
-    """The classifier's input: last stage, global average pool, LayerNorm without affine (N, dims[-1]).
-
-    This is the reference's probe feature (its final LayerNorm is left untrained, i.e. identity affine)
-    and what `Classifier` computes before its norm's affine parameters move.
-    """
-    pooled = encoder.forward_stages(x)[-1].mean(dim=(-2, -1))
-    return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
-
-
 def encoder_from(
     source: str | Path | None, drop_path_rate: float = 0.0, arch: str = "atto", patch_size: int = 8
 ) -> tuple[ConvNeXtV2, dict[str, Any]]:
     """An encoder and its model card from an export folder, a training checkpoint or run folder, or
     (``source=None``) a randomly initialised ``arch`` encoder on the 12 default input bands."""
-    from mpmae.checkpoint import encoder_weights, find_checkpoint, model_card
-    from mpmae.modalities import SENTINEL2_INPUT_BANDS
-
     if source is None:
         encoder = ConvNeXtV2(len(SENTINEL2_INPUT_BANDS), arch, patch_size, drop_path_rate=drop_path_rate,
                              features_only=True)
@@ -117,3 +107,60 @@ def encoder_from(
                          features_only=True, stem=arch_card["stem"])
     load_weights(encoder, encoder_weights(payload, file), file)
     return encoder, card
+
+
+def export_encoder(checkpoint: Path | str, out: Path | str) -> Path:
+    """Write the encoder's plain state dict and a JSON model card into ``out`` (refusing to overwrite)."""
+    file, payload = find_checkpoint(checkpoint)
+    out = Path(out)
+    existing = [out / name for name in (ENCODER_FILE, CARD_FILE) if (out / name).exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]} already exists; choose another output folder")
+    encoder = encoder_weights(payload, file)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save(encoder, out / ENCODER_FILE)
+    with reporting_full_disk(out / CARD_FILE, "writing it"):
+        atomic_write_json(out / CARD_FILE, model_card(payload, file))
+    return out
+
+
+def encoder_weights(payload: Mapping[str, Any], file: Path | str) -> dict[str, torch.Tensor]:
+    """The ``encoder.*`` tensors of a checkpoint's model, without the prefix."""
+    prefix = "encoder."
+    model = payload["model"]
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{file}: its 'model' is a {type(model).__name__}, not a dict of tensors")
+    encoder = {k[len(prefix):]: v.clone() for k, v in model.items()
+               if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    if not encoder:
+        raise CheckpointError(f"{file}: the checkpoint's model holds no encoder weights")
+    return encoder
+
+
+def model_card(payload: Mapping[str, Any], file: Path | str = STATE_FILE) -> dict[str, Any]:
+    """What a fine-tuning run needs to rebuild and feed the encoder (``file``: the checkpoint, for errors)."""
+    try:
+        return _model_card(payload)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: its run config does not describe a model ({type(err).__name__}: "
+                              f"{str(err)[:120]})") from None
+
+
+def _model_card(payload: Mapping[str, Any]) -> dict[str, Any]:
+    config = payload["config"]
+    model, data = config["model"], config["data"]
+    return {
+        "format": "mpmae-encoder/1",
+        "architecture": {
+            "arch": model["arch"], "patch_size": model["patch_size"],
+            "stem": model.get("stem", "modified"), "conventions": "default",
+        },
+        "input_size": data["crop_size"],
+        "patch_size": model["patch_size"],
+        "input_modality": "sentinel2",
+        "bands": list(resolve_selection(model["targets"])["sentinel2"]),
+        "normalisation": payload.get("norm_stats", {}),
+        "pretext_tasks": list(resolve_selection(model["targets"])),
+        "trained": {"epochs": payload["epoch"], "steps": payload["step"]},
+        "run_config": config,
+    }

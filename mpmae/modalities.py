@@ -3,10 +3,10 @@
 Every HDF5 dataset of an MMEarth v001 file is described here once: its bands in file order, its on-disk
 no-data code, whether it is a pixel map or an image-level vector, its pretext task and its class count.
 The data layer, the model heads and the losses all read from this table, so a class count or a band order
-is never written twice (spec sections 1.2, 1.7, 3.4 and 3.5).
+is never written twice (docs/method.md, MMEarth data and Pretext tasks and losses).
 
 Sentinel-2 bands keep the file order (B8A before B8) everywhere, pretraining and fine-tuning alike: this
-is the project's one canonical band order (spec section 7, item 1).
+is the project's one canonical band order (docs/method.md, D1).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def class_lookup(modality: Modality, disk_dtype: np.dtype) -> np.ndarray:
     """A table raw code -> class index (-1 for no-data and unknown codes) for a label map.
 
     Unknown codes map to -1 rather than surviving as bogus class ids, and the no-data code is mapped
-    before the remap, so class 0 (ESA tree cover) is never erased (spec section 7, item 2).
+    before the remap, so class 0 (ESA tree cover) is never erased (docs/method.md, D2).
     """
     assert modality.class_codes is not None
     size = int(np.iinfo(disk_dtype).max) + 1

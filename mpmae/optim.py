@@ -1,10 +1,18 @@
-"""The optimisation recipe of spec 4: AdamW parameter groups and the per-iteration lr schedule."""
+"""The optimisation recipe (docs/method.md): AdamW parameter groups, one warmup-cosine lr schedule, one lr setter.
+
+Which parameters skip weight decay and which layer each belongs to is declared by the model, as in timm:
+``model.no_weight_decay()`` names the exempt parameters beyond the 1-D ones (norms, biases), and
+``model.layer_id(name)`` gives a parameter's layer-decay id. On a ConvNeXt V2 encoder id 0 is the stem,
+then every block has its own id, a downsampling layer taking the id of the block after it, and the final
+norm and head (or anything outside the encoder: a classifier's head, the U-Net decoder) take the top id
+``sum(depths) + 1``; atto's ids run 0..13. A layer's lr is scaled by ``layer_decay ** (top - id)``.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,100 +20,71 @@ from torch import nn
 from mpmae.config import OptimConfig
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norm parameters, biases, 1-D parameters, GRN gamma/beta and the mask token are not decayed.
+def _exempt_names(model: nn.Module) -> set[str]:
+    declared = getattr(model, "no_weight_decay", None)
+    return set(declared()) if callable(declared) else set()
 
-    The reference decays GRN gamma/beta and the mask token during pretraining but not during
-    fine-tuning (spec 7, item 17); we treat them as the norm and embedding parameters they are, always.
+
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float | None = None, *, within: nn.Module | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups over the parameters of ``model`` that require grad (``within``: only those of a submodule).
+
+    Without ``layer_decay``: two groups, [decayed, exempt] (pretraining). With it: one group per
+    (layer id, decayed), sorted, each with ``lr_scale`` and ``layer_id`` (fine-tuning). Exempt: 1-D
+    parameters and what ``model.no_weight_decay()`` names. Names are ``model``'s, so the layer ids are
+    those of ``model.layer_id`` even for a submodule's parameters.
     """
-    return param.ndim <= 1 or name.endswith(".bias") or ".grn." in name or name.endswith("mask_token")
+    exempt_names = _exempt_names(model)
+    named = list(model.named_parameters())
+    kept = None if within is None else {id(p) for p in within.parameters()}
+    trained = [(n, p) for n, p in named if p.requires_grad and (kept is None or id(p) in kept)]
 
+    def decayed(name: str, param: nn.Parameter) -> bool:
+        return param.ndim > 1 and name not in exempt_names
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights and everything :func:`no_weight_decay` exempts."""
-    decay, exempt = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (exempt if no_weight_decay(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` at the recipe's peak lr (the schedule sets it every step)."""
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
-
-
-def learning_rate(epoch: float, optim: OptimConfig) -> float:
-    """lr at fractional ``epoch``: linear warmup to ``optim.lr``, then half-cosine to ``optim.min_lr``."""
-    if epoch < optim.warmup_epochs:
-        return optim.lr * epoch / optim.warmup_epochs
-    span = max(optim.epochs - optim.warmup_epochs, 1e-12)
-    progress = min((epoch - optim.warmup_epochs) / span, 1.0)
-    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-INPUT_END = ("initial_conv", "stem", "stem_orig")
-
-
-def layer_id(name: str, depths: Sequence[int], encoder_prefix: str = "encoder.") -> int:
-    """The layer-decay id of a parameter; names outside ``encoder_prefix`` are head/decoder (top id)."""
-    top = sum(depths) + 1
-    if not name.startswith(encoder_prefix):
-        return top
-    parts = name[len(encoder_prefix):].split(".")
-    if parts[0] in INPUT_END:
-        return 0
-    if parts[0] == "stages":
-        stage, block = int(parts[1]), int(parts[2])
-        return sum(depths[:stage]) + block + 1
-    if parts[0] == "downsample_layers":
-        return sum(depths[: int(parts[1]) + 1]) + 1
-    return top
-
-
-def layer_decay_groups(
-    named_parameters: Iterable[tuple[str, nn.Parameter]],
-    depths: Sequence[int],
-    *,
-    weight_decay: float,
-    layer_decay: float,
-    encoder_prefix: str = "encoder.",
-) -> list[dict]:
-    """AdamW groups, one per (layer id, decayed or not), each with ``lr_scale`` and ``layer_id``.
-
-    Norm parameters, biases, other 1-D parameters and GRN gamma/beta get no weight decay.
-    Parameters that do not require grad are left out.
-    """
-    top = sum(depths) + 1
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in named_parameters:
-        if not param.requires_grad:
-            continue
-        lid = layer_id(name, depths, encoder_prefix)
-        decayed = not no_weight_decay(name, param)
-        group = groups.setdefault((lid, decayed), {
-            "params": [], "weight_decay": weight_decay if decayed else 0.0,
+    if layer_decay is None:
+        decay = [p for n, p in trained if decayed(n, p)]
+        exempt = [p for n, p in trained if not decayed(n, p)]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    layer_id = getattr(model, "layer_id", None)
+    if not callable(layer_id):
+        raise TypeError(f"layer decay needs the model's layer ids: {type(model).__name__} has no layer_id(name)")
+    top = max(layer_id(n) for n, _ in named)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in trained:
+        lid, decay_it = layer_id(name), decayed(name, param)
+        group = groups.setdefault((lid, decay_it), {
+            "params": [], "weight_decay": weight_decay if decay_it else 0.0,
             "lr_scale": layer_decay ** (top - lid), "layer_id": lid,
         })
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
 
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the two pretraining :func:`param_groups` at the recipe's peak lr (the schedule sets it every step)."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+
+
 @dataclass(frozen=True)
 class WarmupCosine:
-    """Per-iteration lr: linear warmup from 0, then half-cosine from ``lr`` to ``min_lr`` at ``total_steps``."""
+    """lr at ``step``: linear warmup from 0, then half-cosine from ``lr`` to ``min_lr`` at ``total_steps``.
+
+    The step unit is the caller's: iterations (fine-tuning, the probe) or fractional epochs (pretraining).
+    """
 
     lr: float
     min_lr: float
-    total_steps: int
-    warmup_steps: int = 0
+    total_steps: float
+    warmup_steps: float = 0
 
-    def __call__(self, step: int) -> float:
+    @classmethod
+    def for_pretraining(cls, optim: OptimConfig) -> WarmupCosine:
+        """The pretraining recipe's schedule, stepped in fractional epochs."""
+        return cls(optim.lr, optim.min_lr, optim.epochs, optim.warmup_epochs)
+
+    def __call__(self, step: float) -> float:
         if step < self.warmup_steps:
             return self.lr * step / self.warmup_steps
         progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)

@@ -1,8 +1,8 @@
-"""Per-task pretext losses and the aggregators that combine them (spec sections 3.4 and 3.5).
+"""Per-task pretext losses and the aggregators that combine them (docs/method.md, Pretext tasks and losses).
 
-Departures from the reference, all deliberate (spec section 7): no-data target values (NaN or +-inf) are
-left out of the loss instead of being regressed to 0 (item 6); a task with nothing to score returns an
-exact 0, never NaN, so the uncertainty weighting's zero-loss rule can fire (item 15); patches whose loss is
+Departures from the reference, all deliberate (docs/method.md): no-data target values (NaN or +-inf) are
+left out of the loss instead of being regressed to 0 (D6); a task with nothing to score returns an
+exact 0, never NaN, so the uncertainty weighting's zero-loss rule can fire (D7); patches whose loss is
 exactly 0 are not dropped from the average. Every loss is computed in float32 with masks as weights, never
 by boolean indexing, so nothing waits on the host.
 """
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpmae.config import check_task_weights
 from mpmae.modalities import Modality
 
 #: Added to a patch's variance before the norm-pix division, as in MAE.
@@ -132,6 +133,8 @@ class Unweighted(nn.Module):
 class Weighted(nn.Module):
     """A fixed weighted sum of the task losses."""
 
+    weights: Tensor
+
     def __init__(self, weights: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
@@ -149,10 +152,7 @@ def build_aggregator(
     if kind == "unweighted":
         return Unweighted()
     if kind == "weighted":
-        if task_weights is None:
-            raise ValueError("loss aggregation 'weighted' needs task_weights")
-        unknown = sorted(set(task_weights) - set(tasks))
-        if unknown:
-            raise ValueError(f"task_weights name tasks {unknown} that are not pretext tasks {list(tasks)}")
+        check_task_weights(kind, task_weights, tasks, required=True)
+        assert task_weights is not None
         return Weighted([float(task_weights.get(t, 1.0)) for t in tasks])
     raise ValueError(f"unknown loss aggregation {kind!r}; valid: uncertainty, unweighted, weighted")

@@ -1,4 +1,4 @@
-"""The downstream tasks: GEO-Bench's, by name, with their kind and class count (spec 5.1, 5.2).
+"""The downstream tasks: GEO-Bench's, by name, with their kind and class count (docs/method.md, GEO-Bench data).
 
 Plain data with no heavy imports, so that configs are checked against it before anything else loads;
 :mod:`mpmae.data.geobench` reads the task folders.
@@ -16,7 +16,7 @@ TASK_KINDS: tuple[str, ...] = ("multilabel", "multiclass", "segmentation")
 
 @dataclass(frozen=True)
 class GeoBenchTask:
-    """One GEO-Bench task as MMEarth evaluates it (spec 5.1, 5.2).
+    """One GEO-Bench task as MMEarth evaluates it (docs/method.md, GEO-Bench data).
 
     ``substitutes`` maps a Sentinel-2 band the task lacks to the band read in its place; the stored
     mean/std are divided by ``stats_divisor`` (So2Sat's pixels are reflectances, its stats x10000).
@@ -45,7 +45,7 @@ TASKS: dict[str, GeoBenchTask] = {
         GeoBenchTask("m-SA-crop-type", "segmentation_v1.0", "segmentation", 10, 256),
     )
 }
-#: The paper and the reference's docs call m-cashew-plant "m-cashew-plantation" (spec 7 item 23).
+#: The paper and the reference's docs call m-cashew-plant "m-cashew-plantation" (docs/method.md, D18).
 TASK_ALIASES = {"m-cashew-plantation": "m-cashew-plant"}
 
 

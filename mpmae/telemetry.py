@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import ray
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -103,6 +103,7 @@ _TASK_GAUGES = {"loss": TASK_LOSS, "weight": TASK_WEIGHT}
 
 def _register(spec: MetricSpec, tags: Mapping[str, str]) -> Gauge | Counter | Histogram:
     defaults = {k: v for k, v in tags.items() if k in spec.tags}
+    metric: Gauge | Counter | Histogram
     if spec.kind == "histogram":
         metric = Histogram(spec.name, spec.description, list(spec.boundaries), spec.tags)
     elif spec.kind == "counter":
@@ -123,7 +124,8 @@ class RunMetrics:
     def __init__(self, run_name: str, rank: int, skipped_steps: int = 0) -> None:
         tags = {RUN_TAG: run_name, RANK_TAG: str(rank)}
         self._lead = rank == 0
-        self._metrics = {spec.name: _register(spec, tags) for spec in METRICS}
+        # By name, a Gauge, Counter or Histogram as the spec's kind says: each method calls its kind's own.
+        self._metrics: dict[str, Any] = {spec.name: _register(spec, tags) for spec in METRICS}
         self._values: dict[tuple[str, str | None], float] = {}
         self._skipped = skipped_steps
         self._refresh_every = ray._config.metrics_report_interval_ms() / 2000  # half Ray's report interval

@@ -32,7 +32,6 @@ from mpmae.data.mmearth import MMEarthDataset
 from mpmae.modalities import IMAGE_TASKS, MODALITIES, Selection
 from mpmae.models.mpmae import INPUT_MODALITY, MPMAE, MPMAEOutput, random_mask
 from mpmae.pretext_losses import NORM_PIX_EPS, patchify
-from mpmae.train.worker import build_model
 
 #: Sentinel-2 bands shown as red, green, blue.
 RGB_BANDS = ("B4", "B3", "B2")
@@ -236,7 +235,7 @@ def image_task_table(output: MPMAEOutput, batch: Mapping[str, Tensor], tasks: Se
 def load_model(payload: Mapping[str, Any], file: Path | str = STATE_FILE) -> tuple[MPMAE, PretrainConfig]:
     """The checkpoint's model in eval mode on the CPU, and its run config (``file``: the checkpoint, for errors)."""
     config = from_dict(PretrainConfig, payload["config"])
-    model = build_model(config)
+    model = MPMAE(config.model)
     load_weights(model, payload["model"], file)
     return model.eval(), config
 

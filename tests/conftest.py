@@ -1,4 +1,4 @@
-"""Shared test fixtures: the external realdata folder, small generated datasets, a tiny encoder."""
+"""Shared test fixtures: the session's Ray head, a tiny encoder. (External material: tests/external/conftest.py.)"""
 
 from __future__ import annotations
 
@@ -16,29 +16,6 @@ import pytest
 
 from mpmae.models.convnextv2 import ConvNeXtV2
 from tests.crafted.tiny import tiny_encoder
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def realdata_dir() -> Path:
-    """The external test material; its absence is a failure, never a skip."""
-    path = Path(os.environ.get("MPMAE_REALDATA", REPO_ROOT.parent / "shared" / "realdata")).resolve()
-    if not (path / "README.md").is_file():
-        raise FileNotFoundError(
-            f"realdata not found at {path}: set MPMAE_REALDATA to the shared/realdata folder"
-        )
-    return path
-
-
-@pytest.fixture(scope="session")
-def realdata() -> Path:
-    return realdata_dir()
-
-
-@pytest.fixture(scope="session")
-def tg64(realdata: Path) -> Path:
-    """torchgeo's MMEarth64 fixture (10 tiles, degenerate values, older metadata layout)."""
-    return realdata / "torchgeo_mmearth" / "data_1M_v001_64"
 
 
 @dataclass(frozen=True)

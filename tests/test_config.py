@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from mpmae.config import ConfigError, DataConfig, ModelConfig, OptimConfig, apply_overrides, from_dict, load_config
+from mpmae.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+)
 
 
 def test_yaml_and_overrides_build_typed_sections(tmp_path: Path) -> None:
@@ -44,6 +53,25 @@ def test_recipe_learning_rate_scales_with_effective_batch() -> None:
 def test_bad_values_name_the_key(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         from_dict(DataConfig, data)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.selection=S2", r"^model\.selection: renamed to model\.targets$"),
+        ("model.loss_aggregation=unweighted", r"^model\.loss_aggregation: renamed to model\.loss$"),
+    ],
+)
+def test_a_renamed_key_names_the_new_one(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, "configs/demo.yaml", [override])
+
+
+def test_a_renamed_fine_tuning_key_names_the_new_one() -> None:
+    from mpmae.config import FinetuneConfig
+
+    with pytest.raises(ConfigError, match=r"^lr: renamed to blr$"):
+        from_dict(FinetuneConfig, {"lr": 1e-3})
 
 
 def test_nested_paths_in_errors() -> None:
@@ -100,7 +128,7 @@ SAFE_NAMES = ["demo", "tune-demo-best", "1a2b3_00000", "lr=1e-3+wd=0.05", "pt-al
 
 @pytest.mark.parametrize("name", UNSAFE_NAMES)
 def test_unsafe_names_are_refused_naming_the_key(in_tmp: Path, name: str) -> None:
-    from mpmae.config import FinetuneRunConfig, PretrainConfig, SweepConfig, check_name
+    from mpmae.config import FinetuneConfig, PretrainConfig, SweepConfig, check_name
 
     shown = repr(name[:60]) + ("..." if len(name) > 60 else "")
     message = "is not a safe name: use letters, digits and ._=+-"
@@ -109,7 +137,7 @@ def test_unsafe_names_are_refused_naming_the_key(in_tmp: Path, name: str) -> Non
         load_config(PretrainConfig, None, [f"run.name={quoted}"])
     assert str(info.value).startswith(f"run.name: {shown} {message}")
     with pytest.raises(ConfigError, match=r"^run\.name: "):
-        load_config(FinetuneRunConfig, None, [f"run.name={quoted}"])
+        load_config(FinetuneConfig, None, [f"run.name={quoted}"])
     with pytest.raises(ConfigError, match=r"^name: "):
         load_config(SweepConfig, None, [f"name={quoted}", "search.model.mask_ratio={uniform: [0.5, 0.8]}"])
     with pytest.raises(ConfigError, match=r"^--resume: "):
@@ -127,7 +155,7 @@ def test_safe_names_pass(in_tmp: Path, name: str) -> None:
 
 def test_every_generated_default_name_is_safe() -> None:
     """Default run names embed the shipped configs' values, a data or encoder folder's name, a trial id."""
-    from mpmae.config import FinetuneRunConfig, PretrainConfig, check_name
+    from mpmae.config import FinetuneConfig, PretrainConfig, check_name
     from mpmae.finetune.run import default_run_name as finetune_name
     from mpmae.tasks import TASKS
     from mpmae.train.trainer import default_run_name as pretrain_name
@@ -142,7 +170,7 @@ def test_every_generated_default_name_is_safe() -> None:
     for task in TASKS:
         for mode in ("finetune", "linear_probe"):
             for encoder in (None, "exports/all_mod", "runs/pt-S2_atto_1M_64_uncertainty_56-8/"):
-                config = FinetuneRunConfig(task=task, mode=mode, encoder=encoder)
+                config = FinetuneConfig(task=task, mode=mode, encoder=encoder)
                 config.validate()
                 check_name(finetune_name(config), "finetune default run name")
 
@@ -150,7 +178,7 @@ def test_every_generated_default_name_is_safe() -> None:
 @pytest.mark.parametrize(("cls", "overrides", "message"), [
     ("PretrainConfig", ["data.path=/data/my data"], r"^data\.path: the folder name 'my data' goes into the default"),
     ("PretrainConfig", ["data.path=/data/a..b"], r"^data\.path: the folder name 'a..b'"),
-    ("FinetuneRunConfig", ["encoder=exports/x;rm -rf"], r"^encoder: the folder name 'x;rm -rf' goes into"),
+    ("FinetuneConfig", ["encoder=exports/x;rm -rf"], r"^encoder: the folder name 'x;rm -rf' goes into"),
 ])
 def test_a_default_name_from_an_unsafe_folder_name_is_refused(in_tmp: Path, cls: str, overrides: list[str],
                                                               message: str) -> None:
@@ -229,10 +257,10 @@ def test_pretrain_values_out_of_range_name_the_key(in_tmp: Path, overrides: list
     (["run.keep_checkpoints=0"], "run.keep_checkpoints: 0 must be >= 1"),
 ])
 def test_finetune_values_out_of_range_name_the_key(in_tmp: Path, overrides: list[str], message: str) -> None:
-    from mpmae.config import FinetuneRunConfig
+    from mpmae.config import FinetuneConfig
 
     with pytest.raises(ConfigError) as info:
-        load_config(FinetuneRunConfig, None, overrides)
+        load_config(FinetuneConfig, None, overrides)
     assert str(info.value).startswith(message)
 
 
@@ -253,13 +281,13 @@ def test_sweep_values_out_of_range_name_the_key(in_tmp: Path, overrides: list[st
 
 
 def test_a_storage_path_that_is_or_lies_under_a_file_is_refused(in_tmp: Path) -> None:
-    from mpmae.config import FinetuneRunConfig, PretrainConfig, SweepConfig
+    from mpmae.config import FinetuneConfig, PretrainConfig, SweepConfig
 
     (in_tmp / "notes.txt").write_text("")
     with pytest.raises(ConfigError, match=r"^run\.storage_path: notes\.txt is a file; expected a folder"):
         load_config(PretrainConfig, None, ["run.storage_path=notes.txt"])
     with pytest.raises(ConfigError, match=rf"^run\.storage_path: notes\.txt/a/b lies under {in_tmp}/notes\.txt, "):
-        load_config(FinetuneRunConfig, None, ["run.storage_path=notes.txt/a/b"])
+        load_config(FinetuneConfig, None, ["run.storage_path=notes.txt/a/b"])
     with pytest.raises(ConfigError, match=r"^storage_path: notes\.txt is a file"):
         load_config(SweepConfig, None, ["storage_path=notes.txt", "search.model.mask_ratio={uniform: [0.5, 0.8]}"])
     assert load_config(PretrainConfig, None, ["run.storage_path=new/runs"]).run.storage_path == "new/runs"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from timm.layers import DropPath
 
-from mpmae.checkpoint import CARD_FILE, ENCODER_FILE, CheckpointError
-from mpmae.export import load_encoder, pooled_features, set_drop_path
+from mpmae.checkpoint import CheckpointError
+from mpmae.export import CARD_FILE, ENCODER_FILE, load_encoder
 from mpmae.models.convnextv2 import ConvNeXtV2
 
 
@@ -53,17 +53,17 @@ def test_in_memory_encoder_is_copied(encoder: ConvNeXtV2) -> None:
 
 
 def test_set_drop_path_rates_rise_linearly(encoder: ConvNeXtV2) -> None:
-    set_drop_path(encoder, 0.3)
+    encoder.set_drop_path(0.3)
     modules = [block.drop_path for stage in encoder.stages for block in stage]
     assert isinstance(modules[0], torch.nn.Identity)
     assert [m.drop_prob for m in modules[1:]] == pytest.approx([0.1, 0.2, 0.3])
-    set_drop_path(encoder, 0.0)
+    encoder.set_drop_path(0.0)
     assert all(isinstance(block.drop_path, torch.nn.Identity) for stage in encoder.stages for block in stage)
 
 
 def test_pooled_features_are_layer_normed(encoder: ConvNeXtV2) -> None:
     with torch.no_grad():
-        features = pooled_features(encoder, torch.randn(2, 3, 16, 16))
+        features = encoder.forward_head(encoder.forward_features(torch.randn(2, 3, 16, 16)), pre_logits=True)
     assert features.shape == (2, 64)
     assert features.mean(dim=1).abs().max() < 1e-5
     assert features.var(dim=1, unbiased=False).tolist() == pytest.approx([1.0, 1.0], abs=1e-3)

@@ -3,9 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpmae.finetune.finetune import Classifier
-from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.optim import WarmupCosine, apply_lr, layer_decay_groups, layer_id
+from mpmae.models import Classifier, ConvNeXtV2, UNet
+from mpmae.optim import WarmupCosine, apply_lr, param_groups
 
 ATTO = (2, 2, 6, 2)
 
@@ -28,17 +27,20 @@ ATTO = (2, 2, 6, 2)
     ("up.0.1.weight", 13),
 ])
 def test_atto_layer_ids(name: str, expected: int) -> None:
-    assert layer_id(name, ATTO) == expected
+    encoder = ConvNeXtV2(4, "atto", 8, features_only=True)
+    assert encoder.depths == ATTO
+    assert Classifier(encoder, 3).layer_id(name) == UNet(encoder, 3).layer_id(name) == expected
 
 
 def test_layer_id_without_prefix_for_a_plain_classifier() -> None:
-    assert layer_id("stem.0.weight", ATTO, encoder_prefix="") == 0
-    assert layer_id("head.weight", ATTO, encoder_prefix="") == 13
+    encoder = ConvNeXtV2(4, "atto", 8, num_classes=3)
+    assert encoder.layer_id("stem.0.weight") == 0
+    assert encoder.layer_id("head.weight") == 13
 
 
 def test_atto_groups_scales_and_weight_decay() -> None:
     model = Classifier(ConvNeXtV2(4, "atto", 8, features_only=True), num_classes=3)
-    groups = layer_decay_groups(model.named_parameters(), ATTO, weight_decay=0.3, layer_decay=0.9)
+    groups = param_groups(model, weight_decay=0.3, layer_decay=0.9)
     assert sorted({g["layer_id"] for g in groups}) == list(range(14))
     for g in groups:
         assert g["lr_scale"] == pytest.approx(0.9 ** (13 - g["layer_id"]))
@@ -63,7 +65,7 @@ def test_atto_groups_scales_and_weight_decay() -> None:
 def test_frozen_parameters_are_left_out() -> None:
     model = Classifier(ConvNeXtV2(4, "atto", 8, features_only=True), num_classes=3)
     model.encoder.requires_grad_(False)
-    groups = layer_decay_groups(model.named_parameters(), ATTO, weight_decay=0.3, layer_decay=0.9)
+    groups = param_groups(model, weight_decay=0.3, layer_decay=0.9)
     assert {g["layer_id"] for g in groups} == {13}
     assert sum(len(g["params"]) for g in groups) == 4  # norm weight/bias, head weight/bias
 

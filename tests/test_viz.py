@@ -14,8 +14,8 @@ from mpmae.checkpoint import TrainState, save_checkpoint
 from mpmae.config import DataConfig, ModelConfig, PretrainConfig, to_dict
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.modalities import IMAGE_TASKS, PIXEL_TASKS
+from mpmae.models import MPMAE
 from mpmae.pretext_losses import NORM_PIX_EPS, patchify
-from mpmae.train.worker import build_model
 from mpmae.viz import (
     IMAGE_TASKS_FILE,
     LOSS_CURVES_FILE,
@@ -48,7 +48,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = write_synthetic_mmearth(root / "data", tiles=20, seed=0)
     config = PretrainConfig(data=DataConfig(path=str(data), crop_size=56), model=ModelConfig(decoder_dim=32))
     torch.manual_seed(0)
-    model = build_model(config)
+    model = MPMAE(config.model)
     optimizer = torch.optim.AdamW(model.parameters())
     state = TrainState(epoch=3, step=15, history=HISTORY)
     save_checkpoint(root / "ckpt", model, optimizer, state, to_dict(config), {}, lr=3e-4)

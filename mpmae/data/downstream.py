@@ -15,7 +15,9 @@ import torch
 from mpmae.data.mmearth import MMEarthDataset
 from mpmae.modalities import MODALITIES, SENTINEL2_INPUT_BANDS
 
-NUM_CLASSES = MODALITIES["esa_worldcover"].num_classes
+_WORLDCOVER_CLASSES = MODALITIES["esa_worldcover"].num_classes
+assert _WORLDCOVER_CLASSES is not None
+NUM_CLASSES: int = _WORLDCOVER_CLASSES
 
 
 def dominant_class(label_maps: np.ndarray, num_classes: int) -> np.ndarray:

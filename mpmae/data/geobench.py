@@ -13,10 +13,10 @@ every other global. Every file is untrusted: a band's declared shape, dtype and 
 the HDF5 metadata before it is read (the task's image size, data inside the file), a label's type and
 length before it is converted, and error messages describe file-supplied values without ``repr``-ing them.
 
-Items follow the reference loader (spec 5.2): channels picked by band name, z-scored in float64 with the
+Items follow the reference loader (docs/method.md): channels picked by band name, z-scored in float64 with the
 task's ``band_stats.json`` (So2Sat: stats divided by 10000), then cast to float32. Channels are named by
-canonical Sentinel-2 names (``B8A``), in the project's canonical order by default (B8A before B8, spec 7
-item 1); ``band_order="reference"`` gives the reference's order, and an explicit band list (a model
+canonical Sentinel-2 names (``B8A``), in the project's canonical order by default (B8A before B8,
+docs/method.md, D1); ``band_order="reference"`` gives the reference's order, and an explicit band list (a model
 card's) is used as given.
 """
 
@@ -45,8 +45,8 @@ try:  # numpy >= 2 (numpy 1.26 also ships these modules for reading numpy 2 pick
     from numpy._core import multiarray as _multiarray
     from numpy._core import numeric as _numeric
 except ImportError:  # pragma: no cover - numpy < 1.26
-    from numpy.core import multiarray as _multiarray
-    from numpy.core import numeric as _numeric
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
 SPLIT_FOLDERS = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}
 PARTITIONS = (
@@ -145,6 +145,8 @@ class GeoBenchObject:
     the pickle passes any, are kept in ``args`` and non-dict state in ``state``.
     """
 
+    args: tuple[Any, ...]
+
     def __new__(cls, *args: Any, **kwargs: Any) -> GeoBenchObject:
         obj = super().__new__(cls)
         obj.args = args
@@ -230,7 +232,7 @@ def _reconstruct(subtype: Any, shape: Any, code: Any) -> np.ndarray:
     """The empty array numpy's pickles start from; its contents come from a checked BUILD."""
     if subtype is not _NDARRAY or not _same_plain(shape, (0,)) or not _same_plain(code, b"b"):
         raise pickle.UnpicklingError("numpy _reconstruct is only allowed as numpy pickles an ndarray")
-    return _multiarray._reconstruct(np.ndarray, (0,), b"b")
+    return _multiarray._reconstruct(np.ndarray, (0,), b"b")  # type: ignore[return-value]  # stub: -> object
 
 
 def _scalar(dtype: Any, *args: Any) -> Any:
@@ -238,7 +240,7 @@ def _scalar(dtype: Any, *args: Any) -> Any:
 
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
-    return _check_array(_numeric._frombuffer(buffer, _check_dtype(dtype), shape, order))
+    return _check_array(_numeric._frombuffer(buffer, _check_dtype(dtype), shape, order))  # type: ignore[attr-defined]
 
 
 def _check_array(array: np.ndarray) -> np.ndarray:
@@ -278,6 +280,7 @@ class GeoBenchUnpickler(pickle._Unpickler):
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]  # set by load(); typeshed leaves the pure-Python unpickler's internals out
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS:
@@ -310,7 +313,8 @@ class GeoBenchUnpickler(pickle._Unpickler):
         else:
             raise pickle.UnpicklingError(f"refusing to apply pickled state to {_brief(inst)}")
 
-    dispatch[pickle.BUILD[0]] = load_build
+    # typeshed types the handlers as taking the C ``Unpickler``; they take the pure-Python one.
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
 
 
 def safe_loads(data: bytes) -> Any:

@@ -10,7 +10,8 @@ Every loader yields ``{modality: torch.Tensor (N, ...), "id": list[str]}``: the 
   :class:`RayBatchCollate` to ``iter_torch_batches`` (Ray cannot turn the string ``id`` column into a
   tensor by itself).
 - :func:`ffcv_loader`: FFCV over ``.beton`` shards, one FFCV ``Loader`` per shard.
-- :func:`aligned_random_crop`: one offset per sample, shared by all its pixel-level modalities (spec 3.2).
+- :func:`aligned_random_crop`: one offset per sample, shared by all its pixel-level modalities
+  (docs/method.md, Encoder and masking).
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ def _crop_rows_cols(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
 def aligned_random_crop(batch: Mapping[str, Any], size: int,
                         generator: torch.Generator | None = None) -> dict[str, Any]:
     """Crop every pixel-level modality to ``size`` x ``size`` at one random offset per sample, the same
-    for all modalities of that sample (spec 3.2: 64->56, 128->112). Image-level modalities, ``id`` and
+    for all modalities of that sample (64->56, 128->112). Image-level modalities, ``id`` and
     keys outside the registry pass through untouched. Offsets are drawn on the CPU from ``generator``."""
     pixel = [k for k in batch if k in MODALITIES and MODALITIES[k].level == "pixel"]
     if not pixel:

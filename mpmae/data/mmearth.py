@@ -1,8 +1,8 @@
 """MMEarth v001 folders: file discovery, strict validation and the (batched) reader.
 
-A folder holds four files, found by pattern (spec 1.1): ``data_*.h5``, ``data_*_splits.json``,
+A folder holds four files, found by pattern (docs/method.md, MMEarth data): ``data_*.h5``, ``data_*_splits.json``,
 ``data_*_tile_info.json`` and ``data_*_band_stats.json``. Items are preprocessed as the reference loader
-does at HEAD (spec 1.7: no-data to NaN, then z-score; label maps to class indices with -1 as ignore), with
+does at HEAD (docs/method.md: no-data to NaN, then z-score; label maps to class indices with -1 as ignore), with
 its bugs fixed: ESA WorldCover tree cover (class 0) is kept, and unknown label codes become -1.
 
 All preprocessing is vectorised over a batch in :func:`MMEarthDataset.read_batch`; the per-item path calls
@@ -234,6 +234,7 @@ class MMEarthDataset:
             if name == "sentinel2":
                 keys = [f"sentinel2_{level}" for level in self._s2_levels_present()]
             else:
+                assert modality.stats_key is not None
                 keys = [modality.stats_key]
             for key in keys:
                 stats[key] = _select_stats(self.files.band_stats, band_stats, key, modality, bands)
@@ -340,6 +341,7 @@ class MMEarthDataset:
             mean = np.where(pick, l2a_stats.mean, l1c_stats.mean)
             std = np.where(pick, l2a_stats.std, l1c_stats.std)
         else:
+            assert modality.stats_key is not None
             stats = self._stats[modality.stats_key]
             mean, std = stats.mean, stats.std
         return ((values - mean) / std).astype(np.float32)

@@ -72,7 +72,7 @@ class ShardError(ValueError):
 
 def item_spec(selection: Selection, image_size: int | None) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Per modality, the dtype and per-item shape that :class:`MMEarthDataset` delivers."""
-    spec = {}
+    spec: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
     for name, bands in selection.items():
         modality = get_modality(name)
         dtype = np.dtype(np.int64 if modality.is_label else np.float32)
@@ -412,7 +412,11 @@ def write_shards(
         for index in range(count):
             positions = range(index * tiles_per_shard, min(len(dataset), (index + 1) * tiles_per_shard))
             path = out / shard_name(split, index, count, format)
-            atomic_write(path, lambda tmp, p=positions: write(p, tmp, bar))
+
+            def write_shard(tmp: Path, p: range = positions) -> None:
+                write(p, tmp, bar)
+
+            atomic_write(path, write_shard)
             written.append(path)
     for stale in sorted(set(old) - set(written)):
         _check_own(stale, split, format)  # again: it may have been swapped while shards were written

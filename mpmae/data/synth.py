@@ -1,4 +1,4 @@
-"""A learnable synthetic MMEarth v001 folder, identical in format to the real data (spec section 1).
+"""A learnable synthetic MMEarth v001 folder, identical in format to the real data (docs/method.md, MMEarth data).
 
 Random arrays in the right shapes would test the plumbing but not the method: pretraining only helps when
 the pretext targets can be predicted from Sentinel-2. So the modalities are tied the way they are on Earth.
@@ -747,7 +747,7 @@ def _tile_ids(n: int, seed: int) -> list[str]:
 
 
 def _tile_info(tiles: _Tiles, ids: list[str]) -> dict[str, dict[str, Any]]:
-    """tile_info entries as the real pipeline writes them (spec 1.3)."""
+    """tile_info entries as the real pipeline writes them (docs/method.md, MMEarth data)."""
     info = {}
     for i, tile_id in enumerate(ids):
         year, month = int(tiles.year[i]), int(tiles.month[i])

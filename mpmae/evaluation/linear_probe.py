@@ -1,10 +1,10 @@
 """Linear probing: frozen encoder, features computed once per split, a linear head trained on the cache.
 
-The encoder runs in ``eval()`` mode under ``no_grad`` (no drop-path, unlike the reference, spec 7 item 22),
+The encoder runs in ``eval()`` mode under ``no_grad`` (no drop-path, unlike the reference, docs/method.md, D14),
 once per split; every epoch of the head then costs a few matrix products, so a Tune trial can afford a
 full probe. Features are the classifier's input (last stage, global average pool, LayerNorm without
 affine: the reference's untrained final norm), not further standardised, so a trained head plugs into
-`mpmae.finetune.finetune.Classifier` as is (linear-probe-then-fine-tune).
+`mpmae.models.Classifier` as is (linear-probe-then-fine-tune).
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ from torch import Tensor, nn
 
 from mpmae.evaluation.split_metrics import make_metric
 from mpmae.evaluation.task_losses import make_loss
-from mpmae.export import pooled_features
+from mpmae.models.classifier import new_head
 from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.optim import WarmupCosine, apply_lr
+from mpmae.optim import WarmupCosine, apply_lr, param_groups
 from mpmae.tasks import TaskKind
 
 #: A split: all images and labels as two tensors, or any iterable of (images, labels) batches.
 Split = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
-
-HEAD_INIT_STD = 2e-5
-
 
 def batches(split: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The (images, labels) batches of a split, slicing a tensor pair into ``batch_size`` chunks."""
@@ -45,20 +42,12 @@ def extract_features(
     was_training = encoder.training
     encoder.to(device).eval()
     try:
-        pairs = [(pooled_features(encoder, x.to(device)), y.to(device)) for x, y in batches(split, batch_size)]
+        pairs = [(encoder.forward_head(encoder.forward_features(x.to(device)), pre_logits=True), y.to(device))
+                 for x, y in batches(split, batch_size)]
     finally:
         encoder.train(was_training)
     features, labels = zip(*pairs, strict=True)
     return torch.cat(features), torch.cat(labels)
-
-
-def new_head(in_features: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
-    """A fresh linear head: weight truncated normal, std 2e-5 cut at 2 std (spec 5.3), bias 0."""
-    head = nn.Linear(in_features, num_classes)
-    nn.init.trunc_normal_(head.weight, std=HEAD_INIT_STD, a=-2 * HEAD_INIT_STD, b=2 * HEAD_INIT_STD,
-                          generator=generator)
-    nn.init.zeros_(head.bias)
-    return head
 
 
 def train_head(
@@ -78,9 +67,7 @@ def train_head(
     """A linear head trained on cached features: AdamW (bias not decayed), per-step cosine, seeded shuffles."""
     generator = torch.Generator().manual_seed(seed)
     head = new_head(features.shape[1], num_classes, generator).to(features.device)
-    optimizer = torch.optim.AdamW([
-        {"params": [head.weight], "weight_decay": weight_decay}, {"params": [head.bias], "weight_decay": 0.0},
-    ], lr=lr)
+    optimizer = torch.optim.AdamW(param_groups(head, weight_decay), lr=lr)
     schedule = WarmupCosine(lr, min_lr, epochs * math.ceil(len(features) / batch_size))
     loss_fn = make_loss(kind, smoothing)
     step = 0
@@ -120,7 +107,7 @@ def linear_probe(
 ) -> float:
     """Val metric (micro F1 or accuracy) of a linear head trained on the frozen encoder's train features.
 
-    Defaults are the reference's atto probe recipe (spec 5.4: lr 8e-4 at batch 1024, wd 0.3, smoothing
+    Defaults are the reference's atto probe recipe (lr 8e-4 at batch 1024, wd 0.3, smoothing
     0.2, 100 epochs). Segmentation is probed by the U-Net with a frozen encoder instead.
     """
     if kind == "segmentation":

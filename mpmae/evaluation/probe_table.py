@@ -9,7 +9,7 @@ from typing import Any
 from mpmae.data.geobench import GeoBenchDataset
 from mpmae.evaluation.linear_probe import linear_probe
 from mpmae.export import encoder_from
-from mpmae.tasks import get_task
+from mpmae.tasks import TaskKind, get_task
 
 
 def probe_table(
@@ -27,6 +27,7 @@ def probe_table(
     for source in encoders:
         encoder, card = encoder_from(source)
         bands = tuple(card["bands"])
+        kind: TaskKind
         if task == "land_cover":
             if data is None:
                 raise ValueError("the land_cover task needs --data, an MMEarth folder")

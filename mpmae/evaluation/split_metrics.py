@@ -1,4 +1,4 @@
-"""Evaluation metrics accumulated over a whole split (spec 5.1; fixes the per-batch averages of 7 item 19).
+"""Evaluation metrics accumulated over a whole split (docs/method.md, GEO-Bench data; no per-batch averages, D13).
 
 Every metric keeps the sufficient statistics of its split in one float64 tensor ``counts``: ``update``
 adds a batch's counts, ``compute`` turns the sum into the metric. Summing counts, never metric values,
@@ -140,7 +140,7 @@ class Mean(Accumulator):
 
 
 def make_metric(kind: TaskKind, num_classes: int, ignore_index: int | None = None) -> SplitMetric:
-    """The paper's metric of a task kind (spec 5.1): micro F1, micro accuracy or macro mIoU."""
+    """The paper's metric of a task kind (docs/method.md, GEO-Bench data): micro F1, micro accuracy or macro mIoU."""
     if kind == "multilabel":
         return MultilabelF1()
     if kind == "multiclass":

@@ -1,4 +1,4 @@
-"""Training losses of the GEO-Bench tasks (spec 5.1), picked by task kind."""
+"""Training losses of the GEO-Bench tasks (docs/method.md, GEO-Bench data), picked by task kind."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def smoothed_ce(logits: Tensor, target: Tensor, smoothing: float = 0.0, ignore_i
 
 
 def make_loss(kind: TaskKind, smoothing: float = 0.0, ignore_index: int | None = None) -> LossFn:
-    """The loss of a task kind; validation and test use ``smoothing=0`` (spec 5.1).
+    """The loss of a task kind; validation and test use ``smoothing=0``, as in the reference.
 
     ``ignore_index`` applies to segmentation only (the paper's runs use none).
     """

@@ -1,10 +1,10 @@
-"""Fine-tuning: classifier model, one-epoch train and evaluate steps, and a local ``fit`` driver.
+"""Fine-tuning: one-epoch train and evaluate steps, and a local ``fit`` driver (models: `mpmae.models`).
 
 `Finetuner` holds what a run needs between epochs (model, AdamW with layer-decay groups, epoch and
 step counters) and exposes it as ``state_dict()`` for checkpoints. With ``freeze_epochs > 0`` the
 encoder is frozen and kept in ``eval()`` mode for those first epochs (the U-Net's phase 1: decoder and
 head only); then it is unfrozen and its layer-decay groups, with weight decay, join the optimizer
-(phase 2; the reference adds it with weight decay 0 and no layer decay, spec 7 item 22).
+(phase 2; the reference adds it with weight decay 0 and no layer decay, docs/method.md, D15).
 """
 
 from __future__ import annotations
@@ -13,57 +13,18 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mpmae.evaluation.linear_probe import new_head
+from mpmae.config import FinetuneConfig
 from mpmae.evaluation.split_metrics import Mean, make_metric
 from mpmae.evaluation.task_losses import make_loss
-from mpmae.export import stage_depths
-from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.optim import WarmupCosine, apply_lr, layer_decay_groups
+from mpmae.optim import WarmupCosine, apply_lr, param_groups
 from mpmae.tasks import TaskKind
 
 Batches = Iterable[tuple[Tensor, Tensor]]
-
-
-class Classifier(nn.Module):
-    """Encoder, global average pool, LayerNorm, linear head (spec 2.3's classifier on a features-only encoder)."""
-
-    def __init__(self, encoder: ConvNeXtV2, num_classes: int) -> None:
-        super().__init__()
-        if not encoder.features_only:
-            raise ValueError("expected a features_only encoder")
-        self.encoder = encoder
-        self.norm = nn.LayerNorm(encoder.dims[-1], eps=1e-6)
-        self.head = new_head(encoder.dims[-1], num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.norm(self.encoder.forward_stages(x)[-1].mean(dim=(-2, -1))))
-
-
-@dataclass
-class FinetuneConfig:
-    """One fine-tuning run; defaults follow spec 5.3/5.4 (lr is absolute: blr x batch / 256).
-
-    The paper's classification runs use ``smoothing=0.2``, its U-Net runs 0 with ``freeze_epochs=50``
-    of 200; ``freeze_epochs >= epochs`` probes a segmentation encoder (decoder only).
-    """
-
-    kind: TaskKind
-    num_classes: int
-    epochs: int = 100
-    lr: float = 8e-4
-    min_lr: float = 1e-6
-    warmup_epochs: int = 0
-    weight_decay: float = 0.3
-    layer_decay: float = 0.9
-    smoothing: float = 0.0
-    freeze_epochs: int = 0
-    ignore_index: int | None = None
-    select: Literal["last", "best_val"] = "last"
 
 
 class Finetuner:
@@ -72,53 +33,58 @@ class Finetuner:
     ``wrap`` (e.g. Ray Train's ``prepare_model``) turns the model into what runs the batches; it is
     called again when the encoder unfreezes, because DDP fixes its set of trained parameters when built.
     ``self.model`` stays the unwrapped model: parameter names and ``state_dict`` keys carry no prefix.
+    ``kind`` and ``num_classes`` are the task's; segmentation trains without label smoothing (the paper's
+    U-Net runs), and ``config.frozen_epochs >= config.epochs`` probes an encoder (head or decoder only).
     """
 
     def __init__(
         self,
         model: nn.Module,
         config: FinetuneConfig,
+        kind: TaskKind,
+        num_classes: int,
         steps_per_epoch: int,
         device: str | torch.device = "cpu",
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        ignore_index: int | None = None,
     ) -> None:
         if config.select not in ("last", "best_val"):
             raise ValueError(f"select must be 'last' or 'best_val', got {config.select!r}")
         self.model, self.config, self.device = model.to(device), config, torch.device(device)
-        self.depths = stage_depths(model.encoder)
-        self.encoder_frozen = config.freeze_epochs > 0
+        self.kind, self.num_classes, self.ignore_index = kind, num_classes, ignore_index
+        self.encoder_frozen = config.frozen_epochs > 0
         model.encoder.requires_grad_(not self.encoder_frozen)
         self.wrap = wrap or (lambda module: module)
         self.net = self.wrap(model)
-        self.optimizer = torch.optim.AdamW(self._groups(model.named_parameters()), lr=config.lr, eps=1e-8)
+        self.optimizer = torch.optim.AdamW(self._groups(), lr=config.lr, eps=1e-8)
         self.schedule = WarmupCosine(
             config.lr, config.min_lr, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
         )
-        self.train_loss = make_loss(config.kind, config.smoothing, config.ignore_index)
+        smoothing = config.smoothing if kind != "segmentation" else 0.0
+        self.train_loss = make_loss(kind, smoothing, ignore_index)
         self.epoch = 0
         self.step = 0
 
-    def _groups(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[dict]:
-        c = self.config
-        return layer_decay_groups(named_parameters, self.depths, weight_decay=c.weight_decay, layer_decay=c.layer_decay)
+    def _groups(self, within: nn.Module | None = None) -> list[dict[str, Any]]:
+        """The model's layer-decay groups, of its trained parameters (``within``: of that submodule only)."""
+        return param_groups(self.model, self.config.weight_decay, self.config.layer_decay, within=within)
 
     def unfreeze_encoder(self) -> None:
         """Phase 2: the encoder trains too, its layer-decay groups added to the optimizer."""
         self.model.encoder.requires_grad_(True)
-        encoder_params = self.model.encoder.named_parameters(prefix="encoder")
-        for group in self._groups(encoder_params):
+        for group in self._groups(within=self.model.encoder):
             self.optimizer.add_param_group(group)
         self.encoder_frozen = False
         self.net = self.wrap(self.model)
 
     def train_epoch(self, batches: Batches) -> dict[str, float]:
         """One epoch of per-iteration lr steps; returns mean loss, running metric and the last lr."""
-        if self.encoder_frozen and self.epoch >= self.config.freeze_epochs:
+        if self.encoder_frozen and self.epoch >= self.config.frozen_epochs:
             self.unfreeze_encoder()
         self.net.train()
         if self.encoder_frozen:
             self.model.encoder.eval()
-        loss_mean, metric = Mean(), make_metric(self.config.kind, self.config.num_classes, self.config.ignore_index)
+        loss_mean, metric = Mean(), make_metric(self.kind, self.num_classes, self.ignore_index)
         for x, y in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             apply_lr(self.optimizer, self.schedule(self.step))
@@ -139,9 +105,8 @@ class Finetuner:
         return {"loss": mean, "metric": metric.compute(), "lr": self.schedule(self.step - 1)}
 
     def evaluate(self, batches: Batches) -> dict[str, float]:
-        c = self.config
-        return evaluate(self.net, batches, kind=c.kind, num_classes=c.num_classes,
-                        ignore_index=c.ignore_index, device=self.device)
+        return evaluate(self.net, batches, kind=self.kind, num_classes=self.num_classes,
+                        ignore_index=self.ignore_index, device=self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
@@ -166,7 +131,7 @@ def evaluate(
     ignore_index: int | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Loss (no smoothing, spec 5.1) and metric over a whole split, summed over data-parallel ranks."""
+    """Loss (no smoothing) and metric over a whole split, summed over data-parallel ranks."""
     model.eval()
     loss_fn = make_loss(kind, 0.0, ignore_index)
     loss_mean, metric = Mean(), make_metric(kind, num_classes, ignore_index)

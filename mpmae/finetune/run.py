@@ -18,11 +18,11 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mpmae.checkpoint import atomic_save, check_keys, load_file, mark_complete
-from mpmae.config import ConfigError, FinetuneRunConfig, from_dict, is_uri, to_dict
+from mpmae.config import ConfigError, FinetuneConfig, from_dict, is_uri, to_dict
 from mpmae.data.geobench import GeoBenchDataset
 from mpmae.export import encoder_from
-from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate
-from mpmae.models.unet import UNet
+from mpmae.finetune.finetune import Finetuner, evaluate
+from mpmae.models import Classifier, UNet
 from mpmae.runtime.run import channels_last, quiet_report_logs, report_with_checkpoint
 from mpmae.tables import write_results
 from mpmae.tasks import get_task
@@ -32,23 +32,12 @@ STATE_KEYS = ("finetuner", "history", "best", "config")
 RESULTS_FILE = "results.json"
 
 
-def build_model(config: FinetuneRunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_finetune_model(config: FinetuneConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Classifier (or U-Net for segmentation) on the configured encoder, and the encoder's model card."""
     task = get_task(config.task)
     encoder, card = encoder_from(config.encoder, config.drop_path, config.arch, config.patch_size)
     model = UNet(encoder, task.num_classes) if task.kind == "segmentation" else Classifier(encoder, task.num_classes)
     return model, card
-
-
-def _finetune_config(config: FinetuneRunConfig) -> FinetuneConfig:
-    task = get_task(config.task)
-    frozen = config.epochs if config.mode == "linear_probe" else config.freeze_epochs
-    return FinetuneConfig(
-        kind=task.kind, num_classes=task.num_classes, epochs=config.epochs, lr=config.lr, min_lr=config.min_lr,
-        warmup_epochs=config.warmup_epochs, weight_decay=config.weight_decay, layer_decay=config.layer_decay,
-        smoothing=config.smoothing if task.kind != "segmentation" else 0.0, freeze_epochs=frozen,
-        select=config.select,
-    )
 
 
 def _loader(dataset: GeoBenchDataset, batch_size: int, rank: int, world: int, train: bool, seed: int) -> DataLoader:
@@ -61,19 +50,21 @@ def _loader(dataset: GeoBenchDataset, batch_size: int, rank: int, world: int, tr
 def finetune_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point of an evaluation run."""
     quiet_report_logs()
-    config = from_dict(FinetuneRunConfig, loop_config["config"])
+    config = from_dict(FinetuneConfig, loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed + rank)
     device = ray.train.torch.get_device()
-    model, card = build_model(config)
+    model, card = build_finetune_model(config)
     model = channels_last(model)  # DDP's buckets match its gradients
     splits = {s: GeoBenchDataset(config.geobench_dir, config.task, s, partition=config.partition, bands=card["bands"])
               for s in ("train", "val", "test")}
     per_worker = config.batch_size // world
     train = _loader(splits["train"], per_worker, rank, world, True, config.run.seed)
     evals = {s: _loader(splits[s], per_worker, rank, world, False, 0) for s in ("val", "test")}
-    finetuner = Finetuner(model, _finetune_config(config), len(train), device, wrap=ray.train.torch.prepare_model)
+    task = get_task(config.task)
+    finetuner = Finetuner(model, config, task.kind, task.num_classes, len(train), device,
+                          wrap=ray.train.torch.prepare_model)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"metric": float("-inf"), "epoch": -1, "model": None}
     checkpoint = ray.train.get_checkpoint()
@@ -105,9 +96,8 @@ def finetune_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _evaluate(finetuner: Finetuner, loader: DataLoader) -> dict[str, float]:
-    fine = finetuner.config
-    return evaluate(finetuner.model, loader, kind=fine.kind, num_classes=fine.num_classes,
-                    ignore_index=fine.ignore_index, device=finetuner.device)
+    return evaluate(finetuner.model, loader, kind=finetuner.kind, num_classes=finetuner.num_classes,
+                    ignore_index=finetuner.ignore_index, device=finetuner.device)
 
 
 def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any], name: str | None = None) -> None:
@@ -128,12 +118,12 @@ def load_state(folder: Path) -> dict[str, Any]:
     return check_keys(load_file(folder / STATE_FILE), folder / STATE_FILE, STATE_KEYS, STATE_KEYS)
 
 
-def default_run_name(config: FinetuneRunConfig) -> str:
+def default_run_name(config: FinetuneConfig) -> str:
     source = "random" if config.encoder is None else Path(config.encoder).name
     return f"{'lp' if config.mode == 'linear_probe' else 'ft'}-{config.task}-{source}"
 
 
-def finetune(config: FinetuneRunConfig) -> dict[str, Any]:
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Run an evaluation on Ray Train and write ``results.json`` into the run folder (never overwritten)."""
     from mpmae.runtime.instance import check_resources, ensure_ray
     from mpmae.runtime.run import fit, train_run_config

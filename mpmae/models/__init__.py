@@ -1,19 +1,23 @@
-"""Models: the masked ConvNeXt V2 encoder, the multi-pretext masked autoencoder, reference checkpoints."""
+"""Models: the masked ConvNeXt V2 encoder, the multi-pretext masked autoencoder, the fine-tuning classifier and
+U-Net, reference checkpoints."""
 
 from mpmae.architectures import VARIANTS, ConvNeXtSpec
+from mpmae.models.classifier import Classifier, new_head
 from mpmae.models.convnextv2 import ConvNeXtV2
-from mpmae.models.mpmae import MPMAE, MPMAEConfig, MPMAEOutput, build_mpmae, random_mask
+from mpmae.models.mpmae import MPMAE, MPMAEOutput, random_mask
 from mpmae.models.reference import convert_reference_state_dict, load_reference_state_dict
+from mpmae.models.unet import UNet
 
 __all__ = [
     "MPMAE",
+    "Classifier",
+    "UNet",
     "VARIANTS",
     "ConvNeXtSpec",
     "ConvNeXtV2",
-    "MPMAEConfig",
     "MPMAEOutput",
-    "build_mpmae",
     "convert_reference_state_dict",
     "load_reference_state_dict",
+    "new_head",
     "random_mask",
 ]

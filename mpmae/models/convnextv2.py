@@ -1,6 +1,6 @@
 """The ConvNeXt V2 encoder with MMEarth's stem, masked so that it computes what a sparse encoder computes.
 
-Masked pretraining follows the dense emulation of sparse convolution (spec section 2.4): a binary
+Masked pretraining follows the dense emulation of sparse convolution (docs/method.md, Encoder and masking): a binary
 visibility map ``v`` (1 = visible) is kept at every resolution; the input is zeroed with it, the output of
 every spatial op is multiplied by it (this removes bias and leakage into masked sites, and the zero-padded
 border behaves like an inactive site), and GRN takes its per-sample statistics over visible positions only.
@@ -10,7 +10,10 @@ fine-tuning, so pretraining and fine-tuning see the same function.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 
@@ -130,10 +133,12 @@ class ConvNeXtV2(nn.Module):
     with kernel = stride = ``stem_k`` -> LayerNorm, unpadded under either architecture (as in the
     reference). Module names are the reference's, so its checkpoints map key for key.
 
-    ``forward_stages`` returns the four stage maps (masked when a patch mask is given), ``forward_features``
-    the pooled, normed feature, ``forward`` the head's logits (``num_classes=0``: the feature itself).
-    ``features_only=True`` leaves out the final norm and head (the masked pretraining encoder, or a U-Net
-    backbone): ``forward`` then returns the four stage maps, as a timm ``features_only`` model does.
+    The timm encoder API: ``forward_intermediates`` returns the four stage maps (masked when a patch
+    mask is given), ``forward_features`` the last one, ``forward_head`` pools, norms and classifies it,
+    ``forward`` chains the two (``num_classes=0``: the pooled, normed feature). ``features_only=True``
+    leaves out the final norm and head (the masked pretraining encoder, or a U-Net backbone): ``forward``
+    then returns the four stage maps, as a timm ``features_only`` model does, and ``forward_head`` norms
+    without affine parameters (the reference's untrained final norm: the linear-probe feature).
     """
 
     def __init__(
@@ -189,15 +194,23 @@ class ConvNeXtV2(nn.Module):
             self.head = nn.Linear(spec.dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
 
-    def forward_stages(
-        self, x: Tensor, mask: Tensor | None = None, num_visible: int | None = None
+    @property
+    def depths(self) -> tuple[int, ...]:
+        """Blocks per stage, read off the modules."""
+        return tuple(len(cast(nn.Sequential, stage)) for stage in self.stages)
+
+    def forward_intermediates(
+        self, x: Tensor, mask: Tensor | None = None, num_visible: int | None = None, include_stem: bool = False
     ) -> list[Tensor]:
         """The four stage maps of ``x`` (N, C, H, W); ``mask`` (N, H/p, W/p), 1 = masked, or None.
 
         Default architecture: masked sites are zero in every returned map; ``num_visible``, the number of
         visible patches of every sample if they are all equal, lets the blocks skip masked sites (same
         result, less work). Reference architecture: the mask only zeroes the input pixels.
+        ``include_stem``: the initial conv's full-resolution output comes first (the U-Net's finest skip).
         """
+        if include_stem and self.stem_type != "modified":
+            raise ValueError("include_stem needs the modified stem (the original stem has no initial conv)")
         x = x.contiguous(memory_format=torch.channels_last)
         vis = None
         if mask is not None:
@@ -209,34 +222,102 @@ class ConvNeXtV2(nn.Module):
             t = layer(t)
             return t if vis is None else t * vis.map(t.shape[-2:], t.dtype)
 
+        maps = []
         if self.stem_type == "original":
             x = run(self.stem_orig, x)
         else:
-            x = run(self.stem, run(self.initial_conv, x))
-        maps = []
+            x = run(self.initial_conv, x)
+            if include_stem:
+                maps.append(x)
+            x = run(self.stem, x)
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = run(self.downsample_layers[i - 1], x)
-            for block in stage:
-                x = block(x, vis)
+            if vis is None:
+                x = stage(x)  # through the stage module, so that its hooks see unmasked passes
+            else:
+                for block in cast(nn.Sequential, stage):
+                    x = block(x, vis)
             maps.append(x)
         return maps
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Global-average-pooled, LayerNormed last-stage feature (N, dims[-1])."""
+        """The last stage map (N, dims[-1], H/p, W/p), as timm's ``forward_features``."""
+        return self.forward_intermediates(x)[-1]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool -> final norm -> head on a last-stage map; ``pre_logits``: skip the head.
+
+        A features-only encoder has no norm or head: it norms without affine parameters and only
+        ``pre_logits=True`` is possible.
+        """
+        pooled = x.mean(dim=(-2, -1))
         if self.features_only:
-            raise RuntimeError("this encoder was built with features_only=True: use forward_stages")
-        return self.norm(self.forward_stages(x)[-1].mean(dim=(-2, -1)))
+            if not pre_logits:
+                raise RuntimeError("this encoder was built with features_only=True: it has no head")
+            return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
+        normed = self.norm(pooled)
+        return normed if pre_logits else self.head(normed)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         """The head's output, or with ``features_only`` the four unmasked stage maps (U-Net skips)."""
         if self.features_only:
-            return self.forward_stages(x)
-        return self.head(self.forward_features(x))
+            return self.forward_intermediates(x)
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for ``num_classes`` (0: none, ``forward`` gives the pooled, normed feature)."""
+        if self.features_only:
+            raise RuntimeError("this encoder was built with features_only=True: it has no head")
+        self.head = nn.Linear(self.dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(init_weights)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Drop-path rates ``linspace(0, rate)`` over the blocks in order, replacing the current ones."""
+        blocks = [block for stage in self.stages for block in cast(nn.Sequential, stage)]
+        for block, block_rate in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist(), strict=True):
+            block.drop_path = DropPath(block_rate) if block_rate > 0 else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay beyond the 1-D ones (see `grn_parameters`)."""
+        return grn_parameters(self)
+
+    def layer_id(self, name: str) -> int:
+        """Layer-decay id of a parameter name: 0 the stem, then one per block (a downsampling layer takes
+        its next block's id), ``sum(depths) + 1`` for the final norm and head."""
+        depths = self.depths
+        parts = name.split(".")
+        if parts[0] in INPUT_END:
+            return 0
+        if parts[0] == "stages":
+            stage, block = int(parts[1]), int(parts[2])
+            return sum(depths[:stage]) + block + 1
+        if parts[0] == "downsample_layers":
+            return sum(depths[: int(parts[1]) + 1]) + 1
+        return sum(depths) + 1
+
+
+#: The modules before the first stage: layer id 0.
+INPUT_END = ("initial_conv", "stem", "stem_orig")
+
+
+def grn_parameters(module: nn.Module) -> set[str]:
+    """Names of every GRN gamma/beta in ``module``: norm parameters, so never weight-decayed.
+
+    The reference decays them (and the mask token) in pretraining but not in fine-tuning (docs/method.md, D11).
+    """
+    return {f"{name}.{p}" for name, m in module.named_modules() if isinstance(m, GRN) for p in ("gamma", "beta")}
+
+
+def encoder_layer_id(encoder: ConvNeXtV2, name: str, prefix: str = "encoder.") -> int:
+    """Layer id in a model holding ``encoder`` at ``prefix``; everything else (head, decoder) is on top."""
+    if name.startswith(prefix):
+        return encoder.layer_id(name[len(prefix):])
+    return sum(encoder.depths) + 1
 
 
 def init_weights(module: nn.Module) -> None:
-    """Truncated normal std 0.02 for every conv and linear layer, zero bias (spec section 7, item 12)."""
+    """Truncated normal std 0.02 for every conv and linear layer, zero bias (docs/method.md, D10)."""
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

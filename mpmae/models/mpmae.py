@@ -6,8 +6,8 @@ per depth) -> heads. A pixel-level head is a linear map from a patch's feature t
 image-level head is LayerNorm -> global average pool -> linear. Class and channel counts come from the
 modality registry.
 
-``decoder="shared"`` runs one trunk once for all tasks (the released checkpoints' weights, spec section
-2.5); ``decoder="per_task"`` gives each task its own trunk (the paper's figure). Image-level heads share
+``decoder="shared"`` runs one trunk once for all tasks (the released checkpoints' weights,
+docs/method.md, D8); ``decoder="per_task"`` gives each task its own trunk (the paper's figure). Image-level heads share
 one LayerNorm per trunk.
 """
 
@@ -15,36 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from mpmae.architectures import ConvNeXtSpec
-from mpmae.modalities import MODALITIES, ModalitySpec, Selection, resolve_selection, tasks_of
-from mpmae.models.convnextv2 import Block, ConvNeXtV2, init_weights
+from mpmae.config import ModelConfig
+from mpmae.modalities import MODALITIES, Selection, resolve_selection, tasks_of
+from mpmae.models.convnextv2 import Block, ConvNeXtV2, encoder_layer_id, grn_parameters, init_weights
 from mpmae.pretext_losses import build_aggregator, task_loss
 
 INPUT_MODALITY = "sentinel2"
-
-
-@dataclass
-class MPMAEConfig:
-    """Everything that shapes an `MPMAE`; ``selection`` is a preset, a list or a {modality: bands} map."""
-
-    arch: str | ConvNeXtSpec = "atto"
-    patch_size: int = 8
-    selection: ModalitySpec = "all_mod"
-    decoder: Literal["shared", "per_task"] = "shared"
-    decoder_dim: int = 512
-    decoder_depth: int = 1
-    loss_aggregation: Literal["uncertainty", "unweighted", "weighted"] = "uncertainty"
-    task_weights: Mapping[str, float] | None = None
-    norm_pix_loss: bool = True
-    mask_ratio: float = 0.6
-    architecture: Literal["default", "reference"] = "default"
-    drop_path_rate: float = 0.0
-    stem: Literal["modified", "original"] = "modified"
 
 
 @dataclass
@@ -76,12 +56,15 @@ def random_mask(
 
 
 class MPMAE(nn.Module):
-    """Multi-pretext masked autoencoder; ``forward(batch, mask=None) -> MPMAEOutput``."""
+    """Multi-pretext masked autoencoder; ``forward(batch, mask=None) -> MPMAEOutput``.
 
-    def __init__(self, config: MPMAEConfig | None = None) -> None:
+    ``config`` is taken as given: `ModelConfig.validate` (via the run config) is where keys are checked.
+    """
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
-        self.config = config = config or MPMAEConfig()
-        self.selection: Selection = resolve_selection(config.selection)
+        self.config = config = config or ModelConfig()
+        self.selection: Selection = resolve_selection(config.targets)
         if INPUT_MODALITY not in self.selection:
             raise ValueError(f"the selection must contain {INPUT_MODALITY!r} (the encoder input)")
         if config.decoder not in ("shared", "per_task"):
@@ -91,7 +74,7 @@ class MPMAE(nn.Module):
         dim = config.decoder_dim
         self.encoder = ConvNeXtV2(
             len(self.selection[INPUT_MODALITY]), config.arch, p,
-            drop_path_rate=config.drop_path_rate, architecture=config.architecture, features_only=True,
+            drop_path_rate=config.drop_path, architecture=config.architecture, features_only=True,
             stem=config.stem,
         )
         grn_eps = self.encoder.conventions.grn_eps
@@ -107,7 +90,7 @@ class MPMAE(nn.Module):
              if any(MODALITIES[t].level == "image" for t in ts)}
         )
         self.heads = nn.ModuleDict({t: nn.Linear(dim, self._head_width(t)) for t in self.tasks})
-        self.loss_fn = build_aggregator(config.loss_aggregation, self.tasks, config.task_weights)
+        self.loss_fn = build_aggregator(config.loss, self.tasks, config.task_weights)
         for module in (self.proj, self.decoder, self.heads):
             module.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -116,6 +99,14 @@ class MPMAE(nn.Module):
         modality = MODALITIES[task]
         width = modality.output_channels(self.selection[task])
         return width * self.patch_size**2 if modality.level == "pixel" else width
+
+    def no_weight_decay(self) -> set[str]:
+        """Beyond the 1-D parameters: every GRN gamma/beta (encoder and decoder) and the mask token."""
+        return grn_parameters(self) | {"mask_token"}
+
+    def layer_id(self, name: str) -> int:
+        """Layer-decay id: the encoder's, with the decoder and heads on top."""
+        return encoder_layer_id(self.encoder, name)
 
     @property
     def log_vars(self) -> dict[str, Tensor]:
@@ -144,11 +135,11 @@ class MPMAE(nn.Module):
         if mask.shape != (n, grid[0] * grid[1]):
             raise ValueError(f"mask must have shape {(n, grid[0] * grid[1])}, got {tuple(mask.shape)}")
         mask = mask.float()
-        latent = self.encoder.forward_stages(x, mask.view(n, *grid), visible)[-1]
+        latent = self.encoder.forward_intermediates(x, mask.view(n, *grid), visible)[-1]
         if latent.shape[-2:] != grid:
             raise ValueError(
                 f"encoder grid {tuple(latent.shape[-2:])} != patch grid {grid}: the reference architecture's "
-                f"modified stem only keeps the patch grid for patch_size 16 and up (spec section 2.3)"
+                f"modified stem only keeps the patch grid for patch_size 16 and up (docs/method.md, D9)"
             )
         preds = self.decode(latent, mask)
         task_losses = {
@@ -175,7 +166,3 @@ class MPMAE(nn.Module):
                     preds[t] = self.heads[t](pooled)
         return preds
 
-
-def build_mpmae(**kwargs: object) -> MPMAE:
-    """`MPMAE` from `MPMAEConfig` keyword arguments."""
-    return MPMAE(MPMAEConfig(**kwargs))  # type: ignore[arg-type]

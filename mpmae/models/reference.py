@@ -1,6 +1,6 @@
 """The reference code's conventions and the mapping of its checkpoints onto this package's layout.
 
-`architecture="reference"` reproduces the dense path of vishalned/MMEarth-train (spec sections 2.3-2.5),
+`architecture="reference"` reproduces the dense path of vishalned/MMEarth-train (docs/method.md, D9),
 so that its checkpoints give its features: an unpadded 3x3 initial conv, a (modified) stem padded by
 ``stem_k // 2`` (its original stem is unpadded, as ours), GRN with eps 1e-4 and statistics over every
 position, and masking applied to the input pixels only. The default architecture is the
@@ -9,7 +9,7 @@ positions, and re-masking after every spatial op.
 
 Checkpoints come in three layouts, all mapped by `convert_reference_state_dict`:
 dense FCMAE (``encoder.*`` as ``nn.Conv2d``/``nn.Linear``), sparse FCMAE (``encoder.*`` as
-MinkowskiEngine tensors, spec section 4, last paragraph) and the dense fine-tuning classifier (no prefix).
+MinkowskiEngine tensors, docs/method.md, Pretraining recipe) and the dense fine-tuning classifier (no prefix).
 """
 
 from __future__ import annotations

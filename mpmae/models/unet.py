@@ -1,4 +1,4 @@
-"""U-Net segmentation model on the ConvNeXt V2 encoder (spec 5.3, with spec 7 item 22 fixed).
+"""U-Net segmentation model on the ConvNeXt V2 encoder (docs/method.md, Fine-tuning and linear probing recipe, D15).
 
 Skips: the initial 3x3 conv's output (dims[0], full resolution) and every stage output, stage 0
 included (the reference skips from the stem and drops stage 0). Decoder: from the last stage up,
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-from mpmae.models.convnextv2 import ConvNeXtV2, init_weights
+from mpmae.models.convnextv2 import ConvNeXtV2, encoder_layer_id, init_weights
 
 
 class UpsampleBlock(nn.Sequential):
@@ -41,7 +41,7 @@ class UNet(nn.Module):
         if not encoder.features_only or encoder.stem_type != "modified":
             raise ValueError("the U-Net needs a features_only encoder with the modified stem")
         if conventions.initial_conv_padding != 1 or conventions.pad_stem:
-            raise ValueError("the U-Net needs the default architecture's padding (spec 2.3)")
+            raise ValueError("the U-Net needs the default architecture's padding (docs/method.md, D9)")
         self.encoder = encoder
         d = encoder.dims
         stem_k = encoder.patch_size // 2 ** (len(d) - 1)
@@ -56,16 +56,15 @@ class UNet(nn.Module):
             module.apply(init_weights)
 
     def encode(self, x: Tensor) -> list[Tensor]:
-        """The skips, finest first: initial conv output, then the four stage maps (as ``forward_stages``)."""
-        enc = self.encoder
-        full = enc.initial_conv(x.contiguous(memory_format=torch.channels_last))
-        maps, y = [full], enc.stem(full)
-        for i, stage in enumerate(enc.stages):
-            if i > 0:
-                y = enc.downsample_layers[i - 1](y)
-            y = stage(y)
-            maps.append(y)
-        return maps
+        """The skips, finest first: initial conv output, then the four stage maps."""
+        return self.encoder.forward_intermediates(x, include_stem=True)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    def layer_id(self, name: str) -> int:
+        """The encoder's layer ids; the decoder and head on top."""
+        return encoder_layer_id(self.encoder, name)
 
     def decode(self, maps: list[Tensor]) -> Tensor:
         """Logits at the resolution of the finest skip."""

@@ -1,1 +1,2 @@
-"""Pretraining: optimiser recipe, the step function, checkpoints and the Ray Train assembly."""
+"""Pretraining on Ray Train: the driver-side assembly (data checks, TorchTrainer), the per-worker loop and
+its guarded step."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -99,4 +100,4 @@ def non_finite_tasks(output: MPMAEOutput) -> list[str]:
 
 def unwrap(model: nn.Module) -> MPMAE:
     """The MPMAE inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
+    return cast(MPMAE, getattr(model, "module", model))

@@ -31,23 +31,13 @@ from mpmae.checkpoint import (
 from mpmae.config import PretrainConfig, from_dict
 from mpmae.data.loaders import aligned_random_crop, ffcv_loader, iter_ray_batches
 from mpmae.evaluation.probe_task import load_probe_task
-from mpmae.models.mpmae import MPMAE, MPMAEConfig
-from mpmae.optim import build_optimizer, learning_rate, set_learning_rate
+from mpmae.models.mpmae import MPMAE
+from mpmae.optim import WarmupCosine, apply_lr, build_optimizer
 from mpmae.runtime.run import channels_last, quiet_report_logs, report_with_checkpoint
 from mpmae.telemetry import RunMetrics
 from mpmae.train.step import LossMeter, StepGuard, forward_backward, unwrap
 
 log = logging.getLogger(__name__)
-
-
-def build_model(config: PretrainConfig) -> MPMAE:
-    """The MP-MAE a pretraining config describes."""
-    model = config.model
-    return MPMAE(MPMAEConfig(
-        arch=model.arch, patch_size=model.patch_size, stem=model.stem, selection=model.targets, decoder=model.decoder,
-        decoder_dim=model.decoder_dim, decoder_depth=model.decoder_depth, loss_aggregation=model.loss,
-        task_weights=model.task_weights, norm_pix_loss=model.norm_pix_loss, mask_ratio=model.mask_ratio,
-    ))
 
 
 def _batches(config: PretrainConfig, rank: int, world: int, epoch: int, per_worker: int,
@@ -112,10 +102,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.run.seed + rank)
     torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))  # intra-op threads = the CPUs Ray reserved
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(channels_last(build_model(config)),
+    model = ray.train.torch.prepare_model(channels_last(MPMAE(config.model)),
                                           parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     core = unwrap(model)
     optimizer = build_optimizer(core, config.optim)
+    schedule = WarmupCosine.for_pretraining(config.optim)
     state = TrainState()
     plan = loop_config.get("resume")
     source = resume_source(ray.train.get_checkpoint(), plan)
@@ -144,8 +135,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             waited = time.perf_counter() - tick
             data_wait += waited
             if it % accum == 0:
-                lr = learning_rate(epoch + it / iters_per_epoch, config.optim)
-                set_learning_rate(optimizer, lr)
+                lr = schedule(epoch + it / iters_per_epoch)
+                apply_lr(optimizer, lr)
             output = forward_backward(model, batch, accum, device, config.run.bf16)
             meter.add(output)
             samples += per_worker

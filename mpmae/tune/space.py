@@ -143,7 +143,9 @@ def parse_search_space(search: Mapping[str, Any], base: PretrainConfig) -> Searc
     params.setdefault("model.targets", Distribution("fixed", values=(base.model.targets,)))
     for key, dist in params.items():
         allowed = SEARCHABLE[key]
-        bad = [v for v in dist.candidates if allowed is not None and v not in allowed]
+        if allowed is None:
+            continue
+        bad = [v for v in dist.candidates if v not in allowed]
         if bad:
             raise ConfigError(f"search.{key}: {bad} are not among {list(allowed)}")
     weights = _parse_task_weights(search.get(TASK_WEIGHTS), params)

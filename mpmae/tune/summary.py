@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from mpmae.atomic import atomic_write, atomic_write_json, atomic_write_text
-from mpmae.checkpoint import export_encoder, resolve_checkpoint
+from mpmae.checkpoint import resolve_checkpoint
+from mpmae.export import export_encoder
 from mpmae.tables import format_table
 from mpmae.tune.plan import METRIC, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 from mpmae.tune.space import TASK_WEIGHTS, apply_params

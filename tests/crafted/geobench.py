@@ -142,7 +142,8 @@ def linked_band(path: Path, band: str, target: Path) -> None:
 
 
 def task_specs_patch_size(path: Path, side: int) -> None:
-    """Rewrite the ``patch_size`` of a real ``task_specs.pkl`` written by geobench (120 x 120) to side x side."""
+    """Rewrite the ``patch_size`` (120 x 120) of an m-bigearthnet ``task_specs.pkl`` pickled as geobench writes it
+    (its own files, or tests/data/geobench_tiny's) to side x side."""
     data = path.read_bytes()
     old = b"patch_size\x94K\x78K\x78"  # the key, MEMOIZE, BININT1 120, BININT1 120
     assert data.count(old) == 1 and 0 < side < 256, "expected geobench's own task_specs.pkl of m-bigearthnet"

@@ -6,10 +6,14 @@ Both start from :func:`mpmae.data.synth.write_synthetic_mmearth`, so everything 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
+import numpy as np
 
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.modalities import MODALITIES
@@ -68,3 +72,38 @@ def write_huge_side(out: Path, side: int = 200_000, tiles: int = 3) -> Path:
             h5.create_dataset(name, shape=(tiles, len(modality.bands), side, side), dtype=modality.disk_dtype,
                               chunks=(1, len(modality.bands), 64, 64), compression="gzip")
     return folder
+
+
+def mmearth_stem(folder: Path) -> str:
+    """The ``data_<...>`` stem of an MMEarth folder's one h5 file (``data_synth_v001_64``, ``data_1M_v001_64``)."""
+    (h5,) = folder.glob("data_*.h5")
+    return h5.stem
+
+
+def copy_mmearth_folder(src: Path, dst: Path, rewrite: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
+                        **dataset_kwargs: Any) -> Path:
+    """Copy an MMEarth folder (writable, whatever the source's modes), rewriting its h5 datasets through
+    ``rewrite(name, array)`` (None drops one); ``dataset_kwargs`` (``compression="gzip"``) store each
+    multi-dimensional dataset with one tile per chunk."""
+    stem = mmearth_stem(src)
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.suffix != ".h5":
+            shutil.copyfile(path, dst / path.name)
+    with h5py.File(src / f"{stem}.h5") as fin, h5py.File(dst / f"{stem}.h5", "w") as fout:
+        for name, ds in fin.items():
+            array = ds[()]
+            if rewrite is not None:
+                array = rewrite(name, array)
+            if array is not None:
+                chunks = (1, *array.shape[1:]) if dataset_kwargs and array.ndim > 1 else None
+                fout.create_dataset(name, data=array, chunks=chunks, **dataset_kwargs)
+    return dst
+
+
+def edit_mmearth_json(folder: Path, suffix: str, edit: Callable[[dict], None]) -> None:
+    """Apply ``edit`` to the folder's ``<stem>_<suffix>.json`` in place."""
+    path = folder / f"{mmearth_stem(folder)}_{suffix}.json"
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))

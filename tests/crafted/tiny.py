@@ -4,11 +4,13 @@ export the thread fixture)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 
 from mpmae.architectures import ConvNeXtSpec
+from mpmae.config import FinetuneConfig
 from mpmae.models.convnextv2 import ConvNeXtV2
 
 TINY = ConvNeXtSpec((1, 1, 1, 1), (8, 16, 32, 64))
@@ -17,6 +19,11 @@ TINY = ConvNeXtSpec((1, 1, 1, 1), (8, 16, 32, 64))
 def tiny_encoder(in_chans: int = 3, patch_size: int = 8, seed: int = 0) -> ConvNeXtV2:
     torch.manual_seed(seed)
     return ConvNeXtV2(in_chans, TINY, patch_size, features_only=True)
+
+
+def recipe(lr: float, smoothing: float = 0.0, **fields: Any) -> FinetuneConfig:
+    """A fine-tuning config whose lr is ``lr`` (blr at batch 256), unsmoothed unless asked."""
+    return FinetuneConfig(batch_size=256, blr=lr, smoothing=smoothing, **fields)
 
 
 def templated_images(n: int, num_classes: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

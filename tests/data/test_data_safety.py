@@ -126,7 +126,7 @@ def test_space_estimate_bounds_what_synth_writes(tmp_path: Path) -> None:
 # -- shard --overwrite replaces only mpmae's shards -----------------------------------------------------
 
 
-def test_shard_overwrite_keeps_a_foreign_parquet_file_under_a_shard_name(tg64: Path, tmp_path: Path,
+def test_shard_overwrite_keeps_a_foreign_parquet_file_under_a_shard_name(mmearth10: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """Hugging Face datasets name their files the same way: such a folder must not lose them."""
     foreign = tmp_path / "train-00000-of-00002.parquet"
@@ -134,16 +134,16 @@ def test_shard_overwrite_keeps_a_foreign_parquet_file_under_a_shard_name(tg64: P
     before = _tree(tmp_path)
     with pytest.raises(FileExistsError, match=r"refusing to replace .*train-00000-of-00002\.parquet: it carries "
                                               r"no mpmae shard metadata"):
-        write_shards(tg64, tmp_path, "parquet", tiles_per_shard=4, overwrite=True, progress=False)
-    assert main(["shard", str(tg64), str(tmp_path), "--tiles-per-shard", "4", "--overwrite"]) == 2
+        write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=4, overwrite=True, progress=False)
+    assert main(["shard", str(mmearth10), str(tmp_path), "--tiles-per-shard", "4", "--overwrite"]) == 2
     assert "train-00000-of-00002.parquet" in capsys.readouterr().err
     assert _tree(tmp_path) == before
 
 
-def test_shard_overwrite_keeps_a_shard_of_another_split_renamed(tg64: Path, tmp_path: Path) -> None:
+def test_shard_overwrite_keeps_a_shard_of_another_split_renamed(mmearth10: Path, tmp_path: Path) -> None:
     """mpmae metadata alone is not enough: it must be that of the split being replaced."""
     source = tmp_path / "other"
-    (path,) = write_shards(tg64, source, "parquet", progress=False)
+    (path,) = write_shards(mmearth10, source, "parquet", progress=False)
     metadata = json.loads(pq.read_schema(path).metadata[b"mpmae"])
     metadata["split"] = "val"
     table = pq.read_table(path)
@@ -151,15 +151,15 @@ def test_shard_overwrite_keeps_a_shard_of_another_split_renamed(tg64: Path, tmp_
     out.mkdir()
     pq.write_table(table.replace_schema_metadata({b"mpmae": json.dumps(metadata)}), out / path.name)
     with pytest.raises(FileExistsError, match="not that of split 'train'"):
-        write_shards(tg64, out, "parquet", overwrite=True, progress=False)
+        write_shards(mmearth10, out, "parquet", overwrite=True, progress=False)
 
 
 @pytest.mark.parametrize("planted", ["train-00000-of-00001.beton", "train-ffcv.json"])
-def test_shard_overwrite_keeps_foreign_ffcv_files(planted: str, tg64: Path, tmp_path: Path) -> None:
+def test_shard_overwrite_keeps_foreign_ffcv_files(planted: str, mmearth10: Path, tmp_path: Path) -> None:
     (tmp_path / planted).write_bytes(b"someone else's \x00\x01 bytes" * 100)
     before = _tree(tmp_path)
     with pytest.raises(FileExistsError, match=f"refusing to replace {tmp_path / planted}"):
-        write_shards(tg64, tmp_path, "ffcv", tiles_per_shard=5, overwrite=True, progress=False)
+        write_shards(mmearth10, tmp_path, "ffcv", tiles_per_shard=5, overwrite=True, progress=False)
     assert _tree(tmp_path) == before
 
 

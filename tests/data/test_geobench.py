@@ -1,5 +1,6 @@
-"""GEO-Bench reader: the golden reference outputs, band orders and substitutions, the restricted unpickler
-and clear errors for bad folders.
+"""GEO-Bench reader: z-scoring, band orders and substitutions, the restricted unpickler and clear errors for
+bad folders, on a tiny generated m-bigearthnet task (tests/data/geobench_tiny/data.py; the reference's golden
+outputs on real patches: tests/external/test_geobench_golden.py).
 
 Synthetic task folders are written the way geobench's writer does (one HDF5 per sample whose attribute
 ``pickle`` holds ``str(pickle.dumps(metadata))``, a pickled ``task_specs.pkl``); the ``geobench.*``
@@ -8,6 +9,7 @@ class names are produced by stand-in modules placed in ``sys.modules`` while wri
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -38,19 +40,13 @@ SPLIT_SIZES = {"train": 4, "val": 1, "test": 1}
 
 
 @pytest.fixture(scope="module")
-def geobench_root(realdata: Path) -> Path:
-    return realdata / "geobench_mini"
-
-
-@pytest.fixture(scope="module")
-def golden(realdata: Path):
-    with np.load(realdata / "golden" / "golden_geobench_mbigearthnet.npz") as npz:
-        return dict(npz)
+def geobench_root(geobench_tiny: Path) -> Path:
+    return geobench_tiny
 
 
 @pytest.fixture
 def ben_copy(geobench_root: Path, tmp_path: Path) -> Path:
-    """A writable copy of the mini m-bigearthnet folder; returns the GEO-Bench root of the copy."""
+    """A writable copy of the tiny m-bigearthnet folder; returns the GEO-Bench root of the copy."""
     folder = tmp_path / "classification_v1.0" / BEN
     shutil.copytree(geobench_root / "classification_v1.0" / BEN, folder)
     for path in folder.iterdir():
@@ -58,24 +54,44 @@ def ben_copy(geobench_root: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
-# -- golden reference and band orders --------------------------------------------------------------
+# -- z-scoring and band orders ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("split", list(SPLIT_SIZES))
-def test_reference_band_order_reproduces_golden_exactly(geobench_root: Path, golden, split: str) -> None:
+def test_reference_band_order_z_scores_the_files(geobench_root: Path, split: str) -> None:
+    """Items are the files' bands in the reference order, z-scored in float64 with band_stats.json, then float32;
+    labels the pickled multi-hot vectors."""
+    folder = geobench_root / "classification_v1.0" / BEN
+    names = json.loads((folder / "default_partition.json").read_text())["valid" if split == "val" else split]
+    stats = json.loads((folder / "band_stats.json").read_text())
     ds = GeoBenchDataset(geobench_root, BEN, split, band_order="reference")
     assert len(ds) == SPLIT_SIZES[split]
+    sources = list(ds.source_bands)
+    assert [canonical_band_name(b) for b in sources] == list(REFERENCE_FULL_BANDS)
+    mean = np.array([stats[b]["mean"] for b in sources])
+    std = np.array([stats[b]["std"] for b in sources])
     x, y = ds.read_batch(range(len(ds)))
-    assert x.dtype == np.float32 and y.dtype == np.int64
-    for i in range(len(ds)):
-        np.testing.assert_array_equal(x[i], golden[f"{split}_{i}_x"])  # bit-exact, not approximate
-        np.testing.assert_array_equal(y[i], golden[f"{split}_{i}_y"])
+    assert x.dtype == np.float32 and y.dtype == np.int64 and y.shape == (len(ds), 43)
+    for i, name in enumerate(names):
+        with h5py.File(folder / f"{name}.hdf5") as h5:
+            raw = np.stack([h5[b][()].astype(np.float64) for b in sources])
+            label = safe_loads(_repr_bytes(h5.attrs["pickle"]))["label"]
+        expected = ((raw - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+        np.testing.assert_array_equal(x[i], expected)
+        np.testing.assert_array_equal(y[i], label)
         item_x, item_y = ds[i]
-        np.testing.assert_array_equal(item_x, golden[f"{split}_{i}_x"])
-        np.testing.assert_array_equal(item_y, golden[f"{split}_{i}_y"])
+        np.testing.assert_array_equal(item_x, expected)
+        np.testing.assert_array_equal(item_y, label)
     assert ds.mean.dtype == np.float32 and ds.std.dtype == np.float32
-    np.testing.assert_array_equal(ds.mean, golden[f"{split}_mean"])
-    np.testing.assert_array_equal(ds.std, golden[f"{split}_std"])
+    np.testing.assert_array_equal(ds.mean, mean.astype(np.float32))
+    np.testing.assert_array_equal(ds.std, std.astype(np.float32))
+
+
+def _repr_bytes(text: str) -> bytes:
+    """The bytes whose repr GEO-Bench stores (a trusted, generated file here, so literal_eval is fine)."""
+    value = ast.literal_eval(text)
+    assert isinstance(value, bytes)
+    return value
 
 
 def test_canonical_order_swaps_b8_and_b8a(geobench_root: Path) -> None:
@@ -200,7 +216,7 @@ def so2sat_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_so2sat_substitutes_b1_b9_and_divides_stats(so2sat_root: Path) -> None:
     ref = GeoBenchDataset(so2sat_root, "m-so2sat", band_order="reference")
     expected_sources = ("02 - Blue", "02 - Blue", *SO2SAT_S2[1:8], "08A - Vegetation Red Edge", *SO2SAT_S2[8:])
-    assert ref.source_bands == expected_sources  # the reference's So2Sat list (spec 5.2)
+    assert ref.source_bands == expected_sources  # the reference's So2Sat list (docs/method.md, GEO-Bench data)
     can = GeoBenchDataset(so2sat_root, "m-so2sat")
     assert can.source_bands[7:9] == ("08A - Vegetation Red Edge", "08 - NIR")
     k = 0  # position of "02 - Blue" among the written bands: its pixels are 0.01 * (k + 1) + sample

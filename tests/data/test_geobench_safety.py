@@ -1,9 +1,10 @@
 """GEO-Bench reader against hostile files: dtypes rewritten by pickled state, huge declared shapes, label
 bombs, data kept in other files, and error messages that stay short whatever the file holds.
 
-Each case copies the real mini m-bigearthnet folder and rewrites its one ``valid`` sample (``id_0004``)
-with a generator from :mod:`tests.crafted.geobench`. Memory is measured with ``tracemalloc`` (numpy
-reports its array buffers to it), so a refusal that still allocates the declared size fails.
+Each case copies the tiny generated m-bigearthnet folder (tests/data/geobench_tiny/data.py) and rewrites its
+one ``valid`` sample (``id_0004``) with a generator from :mod:`tests.crafted.geobench`. Memory is measured
+with ``tracemalloc`` (numpy reports its array buffers to it), so a refusal that still allocates the declared
+size fails.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ SAMPLE = "id_0004"  # the one sample of the "valid" split
 
 
 @pytest.fixture
-def root(realdata: Path, tmp_path: Path) -> Path:
-    """A writable copy of the mini m-bigearthnet folder; returns the GEO-Bench root of the copy."""
+def root(geobench_tiny: Path, tmp_path: Path) -> Path:
+    """A writable copy of the tiny m-bigearthnet folder; returns the GEO-Bench root of the copy."""
     folder = tmp_path / "gb" / "classification_v1.0" / BEN
-    shutil.copytree(realdata / "geobench_mini" / "classification_v1.0" / BEN, folder)
+    shutil.copytree(geobench_tiny / "classification_v1.0" / BEN, folder)
     for path in folder.iterdir():
         path.chmod(0o644)
     return tmp_path / "gb"

@@ -21,6 +21,7 @@ from mpmae.data.shards import (
 )
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.modalities import MODALITIES, PRESETS
+from tests.crafted.mmearth import copy_mmearth_folder, edit_mmearth_json
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def read_parquet_shards(paths: list[Path]) -> dict:
     return table_to_batch(pa.concat_tables(pq.read_table(p) for p in paths))
 
 
-@pytest.mark.parametrize("source", ["tg64", "synth"])
+@pytest.mark.parametrize("source", ["mmearth10", "synth"])
 def test_parquet_round_trip_equals_dataset(source: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     folder = request.getfixturevalue(source)
     paths = write_shards(folder, tmp_path, "parquet", tiles_per_shard=4, progress=False)
@@ -55,8 +56,8 @@ def test_parquet_round_trip_equals_dataset(source: str, request: pytest.FixtureR
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no .tmp left
 
 
-def test_parquet_schema_and_metadata(tg64: Path, tmp_path: Path) -> None:
-    (path,) = write_shards(tg64, tmp_path, "parquet", tiles_per_shard=10, progress=False)
+def test_parquet_schema_and_metadata(mmearth10: Path, tmp_path: Path) -> None:
+    (path,) = write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=10, progress=False)
     schema = pq.read_schema(path)
     s2 = schema.field("sentinel2")
     assert isinstance(s2.type, pa.FixedShapeTensorType)
@@ -71,7 +72,8 @@ def test_parquet_schema_and_metadata(tg64: Path, tmp_path: Path) -> None:
     assert meta["image_size"] == 64 and meta["split"] == "train"
     assert meta["registry"]["sentinel1"]["no_data"] == "-inf"
     assert meta["registry"]["esa_worldcover"]["num_classes"] == 11
-    assert meta["band_stats"] == json.loads((tg64 / "data_1M_v001_64_band_stats.json").read_text())
+    stats = json.loads((mmearth10 / "data_synth_v001_64_band_stats.json").read_text())
+    assert json.dumps(meta["band_stats"], sort_keys=True) == json.dumps(stats, sort_keys=True)  # NaN where NaN
 
 
 def test_parquet_band_selection(synth: Path, tmp_path: Path) -> None:
@@ -84,12 +86,12 @@ def test_parquet_band_selection(synth: Path, tmp_path: Path) -> None:
     assert read_shard_metadata(paths[0])["selection"]["sentinel2"] == ["B2", "B4"]
 
 
-def test_ffcv_shards_layout(tg64: Path, tmp_path: Path) -> None:
+def test_ffcv_shards_layout(mmearth10: Path, tmp_path: Path) -> None:
     from ffcv.reader import Reader
 
-    paths = write_shards(tg64, tmp_path, "ffcv", tiles_per_shard=6, progress=False)
+    paths = write_shards(mmearth10, tmp_path, "ffcv", tiles_per_shard=6, progress=False)
     assert [p.name for p in paths] == ["train-00000-of-00002.beton", "train-00001-of-00002.beton"]
-    assert [Reader(str(p)).num_samples for p in paths] == [6, 4]
+    assert [Reader(str(p)).num_samples for p in paths] == [6, 2]  # the 8 train tiles
     handlers = Reader(str(paths[0])).handlers
     names = [ffcv_field_modality(f) for f in handlers]
     assert names == [*PRESETS["all_mod"], "id"]
@@ -108,17 +110,18 @@ def test_ffcv_field_names_map_back() -> None:
 
 
 @pytest.mark.parametrize("format", ["parquet", "ffcv"])
-def test_refuses_existing_shards_unless_overwrite(format: str, tg64: Path, tmp_path: Path) -> None:
+def test_refuses_existing_shards_unless_overwrite(format: str, mmearth10: Path, tmp_path: Path) -> None:
     ext = "parquet" if format == "parquet" else "beton"
-    old = write_shards(tg64, tmp_path, format, tiles_per_shard=4, progress=False)
+    old = write_shards(mmearth10, tmp_path, format, tiles_per_shard=3, progress=False)
+    assert len(old) == 3  # the 8 train tiles: one more shard than the rewrite below
     unrelated = tmp_path / "notes.txt"
     unrelated.write_text("keep me")
     other_split = tmp_path / f"val-00000-of-00001.{ext}"
     other_split.write_bytes(b"not touched")
     with pytest.raises(FileExistsError, match="overwrite"):
-        write_shards(tg64, tmp_path, format, tiles_per_shard=5, progress=False)
+        write_shards(mmearth10, tmp_path, format, tiles_per_shard=5, progress=False)
     assert sorted(tmp_path.glob(f"train-*.{ext}")) == old
-    new = write_shards(tg64, tmp_path, format, tiles_per_shard=5, overwrite=True, progress=False)
+    new = write_shards(mmearth10, tmp_path, format, tiles_per_shard=5, overwrite=True, progress=False)
     assert sorted(tmp_path.glob(f"train-*.{ext}")) == new == [
         tmp_path / f"train-0000{i}-of-00002.{ext}" for i in range(2)
     ]
@@ -126,7 +129,7 @@ def test_refuses_existing_shards_unless_overwrite(format: str, tg64: Path, tmp_p
 
 
 @pytest.mark.parametrize("format", ["parquet", "ffcv"])
-def test_failed_shard_leaves_no_partial_file(format: str, tg64: Path, tmp_path: Path,
+def test_failed_shard_leaves_no_partial_file(format: str, mmearth10: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Shard 0 completes, reading shard 1 fails: shard 0 is visible, shard 1 neither final nor .tmp."""
     calls = {"n": 0}
@@ -140,14 +143,14 @@ def test_failed_shard_leaves_no_partial_file(format: str, tg64: Path, tmp_path: 
 
     monkeypatch.setattr(MMEarthDataset, "read_batch", failing)
     with pytest.raises(OSError, match="disk on fire"):
-        write_shards(tg64, tmp_path, format, tiles_per_shard=5, progress=False)
+        write_shards(mmearth10, tmp_path, format, tiles_per_shard=5, progress=False)
     ext = "parquet" if format == "parquet" else "beton"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"train-00000-of-00002.{ext}"]
     with pytest.raises(ShardError, match="incomplete"):
         find_shards(tmp_path, format=format)
 
 
-def test_parquet_write_interrupted_mid_file(tg64: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_write_interrupted_mid_file(mmearth10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after some row groups were written removes the partial .tmp file."""
     write_table = pq.ParquetWriter.write_table
     calls = {"n": 0}
@@ -161,7 +164,7 @@ def test_parquet_write_interrupted_mid_file(tg64: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr("mpmae.data.shards.BLOCK_ROWS", 4)
     monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
     with pytest.raises(KeyboardInterrupt):
-        write_shards(tg64, tmp_path, "parquet", tiles_per_shard=10, progress=False)
+        write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=10, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -175,10 +178,12 @@ def test_find_shards_errors(tmp_path: Path) -> None:
     assert find_shards([tmp_path / "a.parquet"]) == [tmp_path / "a.parquet"]
 
 
-def test_write_shards_argument_errors(tg64: Path, tmp_path: Path) -> None:
+def test_write_shards_argument_errors(mmearth10: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="format"):
-        write_shards(tg64, tmp_path, "tfrecord", progress=False)  # type: ignore[arg-type]
+        write_shards(mmearth10, tmp_path, "tfrecord", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tiles_per_shard"):
-        write_shards(tg64, tmp_path, tiles_per_shard=0, progress=False)
+        write_shards(mmearth10, tmp_path, tiles_per_shard=0, progress=False)
+    empty_val = copy_mmearth_folder(mmearth10, tmp_path / "empty_val")
+    edit_mmearth_json(empty_val, "splits", lambda splits: splits.update(val=[]))
     with pytest.raises(ValueError, match="no tiles"):
-        write_shards(tg64, tmp_path, split="val", progress=False)
+        write_shards(empty_val, tmp_path / "out", split="val", progress=False)

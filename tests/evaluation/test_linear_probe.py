@@ -5,7 +5,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mpmae.evaluation.linear_probe import extract_features, linear_probe, score_head, train_head
-from mpmae.export import set_drop_path
 from mpmae.models.convnextv2 import ConvNeXtV2
 from tests.crafted.tiny import templated_images
 
@@ -36,16 +35,16 @@ def test_same_seed_same_head_other_seed_other_head() -> None:
 
 
 def test_features_once_per_split_in_eval_mode(encoder: ConvNeXtV2, monkeypatch: pytest.MonkeyPatch) -> None:
-    set_drop_path(encoder, 0.9)  # would make features random if drop-path were active
+    encoder.set_drop_path(0.9)  # would make features random if drop-path were active
     encoder.train()
     calls: list[bool] = []
-    original = encoder.forward_stages
+    original = encoder.forward_features
 
-    def counting(x: torch.Tensor) -> list[torch.Tensor]:
+    def counting(x: torch.Tensor) -> torch.Tensor:
         calls.append(encoder.training or torch.is_grad_enabled())
         return original(x)
 
-    monkeypatch.setattr(encoder, "forward_stages", counting)
+    monkeypatch.setattr(encoder, "forward_features", counting)
     x, y = templated_images(10, 2)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     first, labels = extract_features(encoder, loader)

@@ -6,16 +6,17 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mpmae.finetune.finetune import Classifier, FinetuneConfig, Finetuner, evaluate, fit
+from mpmae.finetune.finetune import Finetuner, evaluate, fit
+from mpmae.models import Classifier
 from mpmae.models.convnextv2 import ConvNeXtV2
-from tests.crafted.tiny import templated_images, tiny_encoder
+from tests.crafted.tiny import recipe, templated_images, tiny_encoder
 
 
 def test_classifier_overfits_a_separable_problem(encoder: ConvNeXtV2) -> None:
     x, y = templated_images(16, 4)
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
-    config = FinetuneConfig(kind="multiclass", num_classes=4, epochs=12, lr=3e-3, weight_decay=0.05, smoothing=0.1)
-    finetuner = Finetuner(Classifier(encoder, 4), config, steps_per_epoch=len(loader))
+    config = recipe(epochs=12, lr=3e-3, weight_decay=0.05, smoothing=0.1)
+    finetuner = Finetuner(Classifier(encoder, 4), config, "multiclass", 4, steps_per_epoch=len(loader))
     before = finetuner.evaluate(loader)
     history = [finetuner.train_epoch(loader) for _ in range(config.epochs)]
     after = finetuner.evaluate(loader)
@@ -27,8 +28,8 @@ def test_classifier_overfits_a_separable_problem(encoder: ConvNeXtV2) -> None:
 
 
 def test_encoder_trains_with_layer_decay(encoder: ConvNeXtV2) -> None:
-    config = FinetuneConfig(kind="multilabel", num_classes=3, epochs=1, lr=1e-3, layer_decay=0.5)
-    finetuner = Finetuner(Classifier(encoder, 3), config, steps_per_epoch=1)
+    config = recipe(epochs=1, lr=1e-3, layer_decay=0.5)
+    finetuner = Finetuner(Classifier(encoder, 3), config, "multilabel", 3, steps_per_epoch=1)
     scales = {g["layer_id"]: g["lr_scale"] for g in finetuner.optimizer.param_groups}
     assert scales == {i: 0.5 ** (5 - i) for i in range(6)}  # tiny encoder: 4 blocks -> ids 0..5
     x, _ = templated_images(4, 2)
@@ -40,13 +41,13 @@ def test_encoder_trains_with_layer_decay(encoder: ConvNeXtV2) -> None:
 def test_state_dict_resumes_exactly() -> None:
     x, y = templated_images(8, 2)
     batches = [(x[:4], y[:4]), (x[4:], y[4:])]
-    config = FinetuneConfig(kind="multiclass", num_classes=2, epochs=3, lr=1e-3)
-    straight = Finetuner(Classifier(tiny_encoder(), 2), config, steps_per_epoch=2)
+    config = recipe(epochs=3, lr=1e-3)
+    straight = Finetuner(Classifier(tiny_encoder(), 2), config, "multiclass", 2, steps_per_epoch=2)
     for _ in range(2):
         straight.train_epoch(batches)
-    first = Finetuner(Classifier(tiny_encoder(), 2), config, steps_per_epoch=2)
+    first = Finetuner(Classifier(tiny_encoder(), 2), config, "multiclass", 2, steps_per_epoch=2)
     first.train_epoch(batches)
-    resumed = Finetuner(Classifier(tiny_encoder(seed=1), 2), config, steps_per_epoch=2)
+    resumed = Finetuner(Classifier(tiny_encoder(seed=1), 2), config, "multiclass", 2, steps_per_epoch=2)
     resumed.load_state_dict(first.state_dict())
     resumed.train_epoch(batches)
     assert (resumed.epoch, resumed.step) == (2, 4)
@@ -95,4 +96,4 @@ def test_fit_selects_checkpoint_by_rule(select: str, epoch: int) -> None:
 
 def test_unknown_selection_rule_rejected(encoder: ConvNeXtV2) -> None:
     with pytest.raises(ValueError, match="select"):
-        Finetuner(Classifier(encoder, 2), FinetuneConfig("multiclass", 2, select="best"), 1)  # type: ignore[arg-type]
+        Finetuner(Classifier(encoder, 2), recipe(1e-3, select="best"), "multiclass", 2, 1)  # type: ignore[arg-type]

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from mpmae.architectures import ConvNeXtSpec
-from mpmae.finetune.finetune import FinetuneConfig, Finetuner
+from mpmae.finetune.finetune import Finetuner
 from mpmae.models.convnextv2 import ConvNeXtV2
 from mpmae.models.unet import UNet
-from tests.crafted.tiny import TINY, tiny_encoder
+from tests.crafted.tiny import TINY, recipe, tiny_encoder
 
 
 @pytest.mark.parametrize(("patch_size", "size"), [(8, (32, 32)), (16, (32, 48)), (8, (36, 20))])
@@ -22,7 +22,7 @@ def test_skips_are_initial_conv_and_every_stage() -> None:
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         maps = model.encode(x)
-        stages = model.encoder.forward_stages(x)
+        stages = model.encoder.forward_intermediates(x)
     assert [tuple(m.shape[1:]) for m in maps] == [(8, 32, 32), (8, 16, 16), (16, 8, 8), (32, 4, 4), (64, 2, 2)]
     for ours, theirs in zip(maps[1:], stages, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-6)
@@ -45,14 +45,14 @@ def test_phase_one_freezes_encoder_then_phase_two_trains_it_with_layer_decay() -
     model = UNet(tiny_encoder(), num_classes=3)
     modes: list[bool] = []
     model.encoder.stages[0].register_forward_hook(lambda module, args, out: modes.append(module.training))
-    config = FinetuneConfig(kind="segmentation", num_classes=3, epochs=2, lr=1e-3, freeze_epochs=1, layer_decay=0.5)
+    config = recipe(epochs=2, lr=1e-3, freeze_epochs=1, layer_decay=0.5)
     wrapped: list[bool] = []  # whether the encoder trains when the model gets wrapped
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         wrapped.append(module.encoder.stages[0][0].dwconv.weight.requires_grad)
         return torch.nn.Sequential(module)
 
-    finetuner = Finetuner(model, config, steps_per_epoch=1, wrap=wrap)
+    finetuner = Finetuner(model, config, "segmentation", 3, steps_per_epoch=1, wrap=wrap)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     decoder_before = model.head.weight.clone()
     batch = [(torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16)))]
@@ -73,7 +73,7 @@ def test_phase_one_freezes_encoder_then_phase_two_trains_it_with_layer_decay() -
     decayed = [g for g in groups if g["layer_id"] == 0 and g["weight_decay"] > 0]
     assert decayed and decayed[0]["lr_scale"] == pytest.approx(0.5 ** 5)
 
-    resumed = Finetuner(UNet(tiny_encoder(seed=1), num_classes=3), config, steps_per_epoch=1)
+    resumed = Finetuner(UNet(tiny_encoder(seed=1), num_classes=3), config, "segmentation", 3, steps_per_epoch=1)
     resumed.load_state_dict(finetuner.state_dict())
     assert not resumed.encoder_frozen
     assert len(resumed.optimizer.param_groups) == len(groups)
@@ -84,8 +84,8 @@ def test_tiny_unet_overfits_segmentation() -> None:
     target = torch.randint(0, 3, (4, 4, 4)).repeat_interleave(4, 1).repeat_interleave(4, 2)  # 4x4 blocks
     x = (2 * torch.randn(3, 3))[target].permute(0, 3, 1, 2) + 0.1 * torch.randn(4, 3, 16, 16)  # colour per class
     encoder = ConvNeXtV2(3, ConvNeXtSpec((1, 1, 1, 1), (16, 32, 64, 128)), 8, features_only=True)
-    config = FinetuneConfig(kind="segmentation", num_classes=3, epochs=80, lr=1e-2, weight_decay=0.0)
-    finetuner = Finetuner(UNet(encoder, num_classes=3), config, steps_per_epoch=1)
+    config = recipe(epochs=80, lr=1e-2, weight_decay=0.0)
+    finetuner = Finetuner(UNet(encoder, num_classes=3), config, "segmentation", 3, steps_per_epoch=1)
     before = finetuner.evaluate([(x, target)])
     for _ in range(config.epochs):
         finetuner.train_epoch([(x, target)])

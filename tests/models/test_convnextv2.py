@@ -36,7 +36,7 @@ def test_variants_follow_the_convnext_v2_table():
 def test_atto_stage_maps_end_on_the_patch_grid(side, patch, stem):
     model = ConvNeXtV2(12, "atto", patch_size=patch, stem=stem).eval()
     with torch.no_grad():
-        maps = model.forward_stages(torch.randn(1, 12, side, side))
+        maps = model.forward_intermediates(torch.randn(1, 12, side, side))
     assert [tuple(m.shape[1:]) for m in maps] == [(40, 56, 56), (80, 28, 28), (160, 14, 14), (320, 7, 7)]
     assert all(torch.isfinite(m).all() for m in maps)
 
@@ -65,9 +65,9 @@ def test_every_variant_and_patch_size_on_the_meta_device(variant):
             continue
         x = torch.empty(2, in_chans, 2 * patch, 3 * patch, device="meta")
         expected = [(2, d, 2 * 8 // 2**s, 3 * 8 // 2**s) for s, d in enumerate(spec.dims)]
-        assert [tuple(m.shape) for m in model.forward_stages(x)] == expected
+        assert [tuple(m.shape) for m in model.forward_intermediates(x)] == expected
         mask = torch.zeros(2, 2, 3, device="meta")
-        assert [tuple(m.shape) for m in model.forward_stages(x, mask, 3)] == expected
+        assert [tuple(m.shape) for m in model.forward_intermediates(x, mask, 3)] == expected
         assert tuple(model.head(model.norm(torch.empty(2, spec.dims[-1], device="meta"))).shape) == (2, 5)
 
 
@@ -109,7 +109,7 @@ def test_unmasked_original_stem_encoder_is_timm_convnextv2():
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
         stages = theirs.forward_intermediates(x, intermediates_only=True)
-        for a, b in zip(ours.forward_stages(x), stages, strict=True):
+        for a, b in zip(ours.forward_intermediates(x), stages, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -120,7 +120,7 @@ def test_original_stem_layout_and_validation():
     assert not hasattr(model, "initial_conv") and not hasattr(model, "stem")
     # the reference's original stem is unpadded too: its patch grid holds at patch size 8
     reference = ConvNeXtV2(7, TINY, patch_size=8, stem="original", architecture="reference")
-    assert reference.forward_stages(torch.randn(1, 7, 56, 56))[-1].shape[-2:] == (7, 7)
+    assert reference.forward_intermediates(torch.randn(1, 7, 56, 56))[-1].shape[-2:] == (7, 7)
     with pytest.raises(ValueError, match="stem must be one of"):
         ConvNeXtV2(7, TINY, stem="patchify")
 
@@ -131,20 +131,20 @@ def test_features_only_backbone_returns_the_four_stage_maps():
     x = torch.randn(2, 12, 64, 48)
     with torch.no_grad():
         maps = model(x)
-        visible = model.forward_stages(x, torch.zeros(2, 4, 3))
+        visible = model.forward_intermediates(x, torch.zeros(2, 4, 3))
     assert [tuple(m.shape) for m in maps] == [(2, 8, 32, 24), (2, 16, 16, 12), (2, 24, 8, 6), (2, 32, 4, 3)]
     for a, b in zip(maps, visible, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not hasattr(model, "norm") and not hasattr(model, "head")
     with pytest.raises(RuntimeError, match="features_only"):
-        model.forward_features(x)
+        model.forward_head(model.forward_features(x))
 
 
 def test_features_and_classifier_head():
     model = ConvNeXtV2(12, TINY, patch_size=8, num_classes=10).eval()
     x = torch.randn(3, 12, 32, 32)
     with torch.no_grad():
-        features = model.forward_features(x)
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
         logits = model(x)
     assert features.shape == (3, 32) and logits.shape == (3, 10)
     # pooled, then LayerNormed with identity affine at init
@@ -157,7 +157,7 @@ def test_masked_sites_are_zero_at_every_stage(stem):
     model = _randomise(ConvNeXtV2(12, TINY, patch_size=16, stem=stem))
     mask = (torch.rand(2, 6, 6) > 0.5).float()
     with torch.no_grad():
-        maps = model.forward_stages(torch.randn(2, 12, 96, 96), mask)
+        maps = model.forward_intermediates(torch.randn(2, 12, 96, 96), mask)
     for m in maps:
         scale = m.shape[-1] // 6
         hidden = mask.repeat_interleave(scale, 1).repeat_interleave(scale, 2).unsqueeze(1).bool()
@@ -182,15 +182,15 @@ def test_masked_encoder_equals_the_dense_encoder_on_the_visible_crop(stem, patch
     mask = torch.ones(2, 8, 8)
     mask[:, 2:6, 3:7] = 0
     with torch.no_grad():
-        alone = model.forward_stages(crop)
-        embedded = model.forward_stages(canvas, mask)
+        alone = model.forward_intermediates(crop)
+        embedded = model.forward_intermediates(canvas, mask)
     for a, e in zip(alone, embedded, strict=True):
         s = a.shape[-1] // 4  # cells per patch at this stage
         torch.testing.assert_close(e[..., 2 * s:6 * s, 3 * s:7 * s], a, atol=1e-4, rtol=1e-4)
 
     reference = _randomise(ConvNeXtV2(12, TINY, patch_size=16, architecture="reference", stem=stem))
     with torch.no_grad():
-        hidden = reference.forward_stages(canvas, torch.ones(2, p // 2, p // 2))[-1]
+        hidden = reference.forward_intermediates(canvas, torch.ones(2, p // 2, p // 2))[-1]
     assert hidden.abs().sum() > 0  # input-only masking lets biases through masked sites
 
 
@@ -201,7 +201,8 @@ def test_visible_features_ignore_masked_content(stem):
     mask = (torch.rand(2, 6, 6) > 0.4).float()
     changed = x + 10 * torch.randn_like(x) * mask.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, None]
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_stages(changed, mask)[-1], model.forward_stages(x, mask)[-1])
+        torch.testing.assert_close(model.forward_intermediates(changed, mask)[-1],
+                                   model.forward_intermediates(x, mask)[-1])
 
 
 def test_grn_statistics_use_visible_positions_per_sample():
@@ -232,7 +233,7 @@ def test_gathered_blocks_compute_the_dense_masked_result(stem):
     results = []
     for num_visible in (None, 6):
         model.zero_grad()
-        maps = model.forward_stages(x, mask.view(3, 4, 4), num_visible)
+        maps = model.forward_intermediates(x, mask.view(3, 4, 4), num_visible)
         sum(m.square().mean() for m in maps).backward()
         results.append((maps, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (dense, dense_grads), (gathered, gathered_grads) = results

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mpmae.config import ModelConfig
 from mpmae.modalities import MODALITIES, PRESETS, TASK_ORDER, resolve_selection
-from mpmae.models import ConvNeXtSpec, build_mpmae, random_mask
+from mpmae.models import MPMAE, ConvNeXtSpec, random_mask
 
 TINY = ConvNeXtSpec((1, 1, 1, 1), (8, 16, 24, 32))
 
@@ -31,12 +32,12 @@ def make_batch(n: int = 2, side: int = 32, selection="all_mod", seed: int = 0) -
 
 
 def tiny(**kwargs):
-    return build_mpmae(**{"arch": TINY, "decoder_dim": 16, **kwargs})
+    return MPMAE(ModelConfig(**{"arch": TINY, "decoder_dim": 16, **kwargs}))
 
 
 @pytest.mark.parametrize(("side", "patch"), [(56, 8), (112, 16)])
 def test_atto_outputs_follow_the_registry(side, patch):
-    model = build_mpmae(arch="atto", patch_size=patch).eval()
+    model = MPMAE(ModelConfig(arch="atto", patch_size=patch)).eval()
     with torch.no_grad():
         out = model(make_batch(2, side))
     assert list(out.task_losses) == list(TASK_ORDER)
@@ -107,11 +108,11 @@ def test_per_task_decoders_have_their_own_weights():
 
 
 def test_presets_shape_input_and_heads():
-    model = tiny(selection="rgb")
+    model = tiny(targets="rgb")
     assert model.tasks == ["sentinel2"] and model.encoder.initial_conv[0].in_channels == 3
     assert model.heads["sentinel2"].out_features == 8 * 8 * 3
     assert list(model.image_norm) == []
-    img = tiny(selection="img_mod")
+    img = tiny(targets="img_mod")
     assert img.tasks == ["sentinel2", "era5", "lat", "lon", "biome", "eco_region", "month"]
     with torch.no_grad():
         out = img.eval()(make_batch(2, 32, "img_mod"))
@@ -167,7 +168,7 @@ def test_any_patch_multiple_side_and_validation_errors():
     with pytest.raises(ValueError, match="mask must have shape"):
         model(make_batch(2, 32), mask=torch.zeros(2, 49))
     with pytest.raises(ValueError, match="must contain 'sentinel2'"):
-        tiny(selection=["sentinel1"])
+        tiny(targets=["sentinel1"])
     with pytest.raises(ValueError, match="decoder must be"):
         tiny(decoder="split")
 
@@ -180,7 +181,7 @@ def test_reference_architecture_refuses_patch_8_masking():
 
 def test_log_vars_and_other_aggregations():
     assert list(tiny().log_vars) == list(TASK_ORDER)
-    unweighted = tiny(loss_aggregation="unweighted").eval()
+    unweighted = tiny(loss="unweighted").eval()
     assert unweighted.log_vars == {}
     with torch.no_grad():
         out = unweighted(make_batch(2, 32))

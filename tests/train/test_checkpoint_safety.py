@@ -24,7 +24,6 @@ from mpmae.checkpoint import (
     atomic_save,
     checkpoint_folders,
     checkpoint_name,
-    export_encoder,
     load_checkpoint,
     plan_resume,
     resolve_checkpoint,
@@ -33,11 +32,12 @@ from mpmae.checkpoint import (
 )
 from mpmae.cli import main
 from mpmae.config import DataConfig, ModelConfig, PretrainConfig, to_dict
-from mpmae.export import encoder_from, load_encoder
+from mpmae.export import encoder_from, export_encoder, load_encoder
 from mpmae.finetune.run import load_state, save_state
+from mpmae.models import MPMAE
 from mpmae.runtime import run
 from mpmae.runtime.run import report_with_checkpoint
-from mpmae.train.worker import build_model, resume_source
+from mpmae.train.worker import resume_source
 from mpmae.tune.sweep import _finished_run_metrics
 from tests.crafted.checkpoints import (
     code_running_export,
@@ -69,7 +69,7 @@ def _commands(checkpoint: Path, tmp_path: Path) -> dict[str, list[str]]:
 
 def _model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = build_model(CONFIG)
+    model = MPMAE(CONFIG.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return model, optimizer
 

@@ -15,11 +15,12 @@ import h5py
 import pytest
 import torch
 
-from mpmae.checkpoint import export_encoder, load_checkpoint
+from mpmae.checkpoint import load_checkpoint
 from mpmae.config import ConfigError, PretrainConfig, load_config
 from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
-from mpmae.finetune import Classifier, load_encoder
+from mpmae.export import export_encoder, load_encoder
+from mpmae.models import Classifier
 from mpmae.models.convnextv2 import ConvNeXtV2
 from mpmae.train.trainer import describe_data, pretrain
 

@@ -77,9 +77,9 @@ def test_ddp_gradients_match_their_bucket_views(synth: Path) -> None:
     import torch.distributed as dist
 
     from mpmae.data.loaders import aligned_random_crop
+    from mpmae.models import MPMAE
     from mpmae.runtime.run import channels_last
     from mpmae.train.step import forward_backward
-    from mpmae.train.worker import build_model
 
     config = _config(synth, synth.parent, "ddp")
     batch = {k: torch.as_tensor(v) for k, v in MMEarthDataset(synth, "train", config.model.targets)
@@ -88,7 +88,7 @@ def test_ddp_gradients_match_their_bucket_views(synth: Path) -> None:
     with tempfile.TemporaryDirectory() as store:
         dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=0, world_size=1)
         try:
-            model = channels_last(build_model(config))
+            model = channels_last(MPMAE(config.model))
             ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

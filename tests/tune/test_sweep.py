@@ -15,7 +15,7 @@ import pytest
 
 from mpmae.config import PretrainConfig, SweepConfig, load_config
 from mpmae.data.synth import write_synthetic_mmearth
-from mpmae.finetune import load_encoder
+from mpmae.export import load_encoder
 from mpmae.tune.plan import TRIALS_DIR
 from mpmae.tune.sweep import resume, tune
 

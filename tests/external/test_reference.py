@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from mpmae.config import ModelConfig
 from mpmae.modalities import TASK_ORDER
 from mpmae.models import (
+    MPMAE,
     ConvNeXtSpec,
     ConvNeXtV2,
-    build_mpmae,
     convert_reference_state_dict,
     load_reference_state_dict,
 )
@@ -39,10 +40,10 @@ def _golden_model(golden, **overrides):
     assert cfg["out_modalities"] == list(TASK_ORDER) and cfg["loss_aggr"] == "uncertainty"
     kwargs = dict(
         arch=ConvNeXtSpec(tuple(cfg["depths"]), tuple(cfg["dims"])), patch_size=cfg["patch_size"],
-        decoder_dim=cfg["decoder_embed_dim"], decoder_depth=cfg["decoder_depth"], selection="all_mod",
+        decoder_dim=cfg["decoder_embed_dim"], decoder_depth=cfg["decoder_depth"], targets="all_mod",
         architecture="reference", norm_pix_loss=False,  # FCMAE's constructor default, used by the golden run
     )
-    model = build_mpmae(**{**kwargs, **overrides})
+    model = MPMAE(ModelConfig(**{**kwargs, **overrides}))
     state = {k.removeprefix("sd/"): torch.from_numpy(v) for k, v in golden.items() if k.startswith("sd/")}
     load_reference_state_dict(model, state)
     return model.eval()
@@ -114,9 +115,9 @@ def _zeros(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
 def test_atto_fcmae_manifest_loads_strictly(manifest, architecture):
     shapes = manifest["fcmae_convnextv2_atto_in112_p16_dec512_OUT_MODALITIES"]
     # the manifest's FCMAE was built without a loss module, so it has no loss_fn.log_vars
-    model = build_mpmae(
-        arch="atto", patch_size=16, decoder_dim=512, architecture=architecture, loss_aggregation="unweighted"
-    )
+    model = MPMAE(ModelConfig(
+        arch="atto", patch_size=16, decoder_dim=512, architecture=architecture, loss="unweighted"
+    ))
     load_reference_state_dict(model, _zeros(shapes))
     converted = convert_reference_state_dict(_zeros(shapes))
     ours = model.state_dict()
@@ -137,7 +138,7 @@ def test_atto_classifier_manifest_loads_strictly(manifest):
 
 
 def _to_minkowski(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """The inverse of the dense remap (spec section 4): what a MinkowskiEngine checkpoint stores."""
+    """The inverse of the dense remap (docs/method.md, Pretraining recipe): what a MinkowskiEngine checkpoint stores."""
     parts = key.split(".")
     module, name = ".".join(parts[:-1]), parts[-1]
     depthwise = module.endswith(("dwconv", "stem.0"))
@@ -163,7 +164,7 @@ def _to_minkowski(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
 
 
 def test_sparse_checkpoint_maps_onto_the_dense_encoder():
-    source = build_mpmae(arch=ConvNeXtSpec((1, 1, 1, 1), (8, 16, 24, 32)), patch_size=16, decoder_dim=16)
+    source = MPMAE(ModelConfig(arch=ConvNeXtSpec((1, 1, 1, 1), (8, 16, 24, 32)), patch_size=16, decoder_dim=16))
     with torch.no_grad():
         for p in source.parameters():
             p.copy_(torch.randn_like(p))
@@ -180,7 +181,7 @@ def test_sparse_checkpoint_maps_onto_the_dense_encoder():
     assert sparse["encoder.stages.0.0.dwconv.kernel"].shape == (49, 8)
     assert sparse["encoder.stages.0.0.grn.gamma"].shape == (1, 32)
 
-    target = build_mpmae(arch=ConvNeXtSpec((1, 1, 1, 1), (8, 16, 24, 32)), patch_size=16, decoder_dim=16)
+    target = MPMAE(ModelConfig(arch=ConvNeXtSpec((1, 1, 1, 1), (8, 16, 24, 32)), patch_size=16, decoder_dim=16))
     load_reference_state_dict(target.encoder, sparse)
     for key, value in target.encoder.state_dict().items():
         torch.testing.assert_close(value, ours["encoder." + key], rtol=0, atol=0, msg=key)
@@ -195,7 +196,7 @@ def test_sparse_checkpoint_maps_onto_the_dense_encoder():
 def test_original_stem_checkpoints_map_onto_stem_orig(layout):
     """The reference's ``--use_orig_stem`` encoder (``stem_orig.*``), dense or MinkowskiEngine keys."""
     spec = ConvNeXtSpec((1, 1, 1, 1), (8, 16, 24, 32))
-    source = build_mpmae(arch=spec, patch_size=32, decoder_dim=16, stem="original")
+    source = MPMAE(ModelConfig(arch=spec, patch_size=32, decoder_dim=16, stem="original"))
     with torch.no_grad():
         for p in source.parameters():
             p.copy_(torch.randn_like(p))
@@ -211,12 +212,12 @@ def test_original_stem_checkpoints_map_onto_stem_orig(layout):
     if layout == "sparse":
         assert state["encoder.stem_orig.0.kernel"].shape == (16, 12, 8)
         assert "encoder.stem_orig.1.ln.weight" in state
-    target = build_mpmae(arch=spec, patch_size=32, decoder_dim=16, stem="original")
+    target = MPMAE(ModelConfig(arch=spec, patch_size=32, decoder_dim=16, stem="original"))
     load_reference_state_dict(target.encoder, state)
     for key, value in target.encoder.state_dict().items():
         torch.testing.assert_close(value, ours["encoder." + key], rtol=0, atol=0, msg=key)
     with pytest.raises(ValueError, match="missing .*initial_conv"):
-        load_reference_state_dict(build_mpmae(arch=spec, patch_size=32, decoder_dim=16).encoder, state)
+        load_reference_state_dict(MPMAE(ModelConfig(arch=spec, patch_size=32, decoder_dim=16)).encoder, state)
 
 
 def test_converter_is_strict(golden):
