@@ -13,7 +13,7 @@ import re
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -21,7 +21,10 @@ from mpmae.architectures import VARIANTS, ConvNeXtSpec
 from mpmae.modalities import resolve_selection, tasks_of
 from mpmae.tasks import get_task
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -130,7 +133,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin, args = get_origin(tp), get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, f"{path}.")
     if origin is Literal:
         if value not in args:

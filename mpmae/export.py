@@ -92,14 +92,14 @@ def encoder_from(
     if source is None:
         encoder = ConvNeXtV2(len(SENTINEL2_INPUT_BANDS), arch, patch_size, drop_path_rate=drop_path_rate,
                              features_only=True)
-        card = {"architecture": {"arch": arch, "patch_size": patch_size, "stem": "modified"},
+        card: dict[str, Any] = {"architecture": {"arch": arch, "patch_size": patch_size, "stem": "modified"},
                 "bands": list(SENTINEL2_INPUT_BANDS), "patch_size": patch_size, "random_init": True}
         return encoder, card
     folder = Path(source)
     if (folder / CARD_FILE).is_file() or (folder / ENCODER_FILE).is_file():  # an export, never a checkpoint
-        encoder, card = load_encoder(source, drop_path_rate)
-        assert card is not None
-        return encoder, card
+        encoder, export_card = load_encoder(source, drop_path_rate)
+        assert export_card is not None
+        return encoder, export_card
     file, payload = find_checkpoint(source)
     card = model_card(payload, file)
     arch_card = card["architecture"]

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
@@ -40,7 +41,7 @@ MASK_GREY = 0.5
 LOSS_CURVES_FILE = "loss_curves.png"
 IMAGE_TASKS_FILE = "image_tasks.json"
 #: Class colours: -1 (no label) black, then tab20's colours for class 0, 1, ... (enough for 11 classes).
-PALETTE = np.concatenate([np.zeros((1, 3)), np.asarray(colormaps["tab20"].colors)[:, :3]])
+PALETTE = np.concatenate([np.zeros((1, 3)), np.asarray(cast(ListedColormap, colormaps["tab20"]).colors)[:, :3]])
 
 
 # -- arrays ---------------------------------------------------------------------------------------------

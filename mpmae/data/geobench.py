@@ -513,7 +513,7 @@ def open_h5(path: Path) -> h5py.File:
 # -- dataset ----------------------------------------------------------------------------------------
 
 
-class GeoBenchDataset:
+class GeoBenchDataset(torch.utils.data.Dataset[tuple[np.ndarray, np.ndarray]]):
     """One split of a GEO-Bench v1.0 task as a map-style dataset of ``(x, y)`` numpy pairs.
 
     ``x`` is float32 (C, H, W), z-scored; ``y`` is int64: a (num_classes,) 0/1 vector for multi-label

@@ -20,7 +20,7 @@ import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeGuard
 
 import numpy as np
 import pyarrow as pa
@@ -78,7 +78,8 @@ def to_batch(batch: Mapping[str, Any]) -> TensorBatch:
 class RayBatchCollate(NumpyBatchCollateFn):
     """``collate_fn`` for ``iter_torch_batches`` that yields the canonical batch dict."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> TensorBatch:
+    # Ray annotates the result with a TypeVar bound to nothing else (``CollatedData``): no override matches it.
+    def __call__(self, batch: dict[str, np.ndarray]) -> TensorBatch:  # type: ignore[override]
         return to_batch(batch)
 
 
@@ -160,7 +161,7 @@ class MMEarthDatasource(Datasource):
 # -- Ray Data entry point ---------------------------------------------------------------------------
 
 
-def _is_mmearth_folder(source: Any) -> bool:
+def _is_mmearth_folder(source: Any) -> TypeGuard[Path | str]:
     return isinstance(source, (str, Path)) and any(Path(source).glob("data_*.h5"))
 
 
@@ -206,8 +207,8 @@ def ray_dataset(
     else:
         paths = find_shards(source, split, "parquet")
         columns = _parquet_columns(paths, modalities) + (["id"] if include_id else [])
-        file_shuffle = ray.data.FileShuffleConfig(seed=seed) if shuffle and seed is not None else (
-            "files" if shuffle else None)
+        file_shuffle: ray.data.FileShuffleConfig | Literal["files"] | None = (
+            ray.data.FileShuffleConfig(seed=seed) if shuffle and seed is not None else ("files" if shuffle else None))
         data = ray.data.read_parquet([str(p) for p in paths], shuffle=file_shuffle,
                                      override_num_blocks=override_num_blocks)
         data = data.select_columns(columns)  # pushed down into the Parquet read

@@ -577,6 +577,13 @@ def _swath_edge(rng: np.random.Generator, tiles: _Tiles, size: int) -> np.ndarra
     return (across > reach) & tiles.s2_edge[:, None, None]
 
 
+def _no_data(name: str) -> float:
+    """The registry's no-data value of a modality that has one."""
+    value = MODALITIES[name].no_data
+    assert value is not None, name
+    return value
+
+
 def _cloud_products(
     tiles: _Tiles, alpha: np.ndarray, edge: np.ndarray, scl: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -586,8 +593,8 @@ def _cloud_products(
     scl = np.where(alpha > 0.7, 9, np.where(alpha > 0.4, 8, np.where(alpha > 0, 10, scl))).astype(np.uint8)
     for array in (qa60, prob, scl):
         array[edge] = 0
-    prob[~tiles.l2a] = MODALITIES["sentinel2_cloudprod"].no_data
-    scl[~tiles.l2a] = MODALITIES["sentinel2_scl"].no_data
+    prob[~tiles.l2a] = _no_data("sentinel2_cloudprod")
+    scl[~tiles.l2a] = _no_data("sentinel2_scl")
     return qa60[:, None], prob[:, None], scl[:, None]
 
 
@@ -623,7 +630,7 @@ def _canopy(rng: np.random.Generator, tiles: _Tiles, cover: np.ndarray, size: in
     std = 2 + 0.25 * height + np.abs(rng.normal(0, 0.7, height.shape))
     out = np.clip(np.round(np.stack([height, std], axis=1)), 0, 127).astype(np.int8)
     missing = (cover == _WATER) | tiles.canopy_missing[:, None, None]
-    return np.where(missing[:, None], np.int8(MODALITIES["canopy_height_eth"].no_data), out)
+    return np.where(missing[:, None], np.int8(_no_data("canopy_height_eth")), out)
 
 
 def _render(rng: np.random.Generator, tiles: _Tiles, size: int) -> dict[str, np.ndarray]:

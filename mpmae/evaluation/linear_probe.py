@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +28,11 @@ Split = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
 
 def batches(split: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The (images, labels) batches of a split, slicing a tensor pair into ``batch_size`` chunks."""
-    if isinstance(split, tuple) and len(split) == 2 and all(isinstance(t, Tensor) for t in split):
-        x, y = split
+    if isinstance(split, tuple) and len(split) == 2 and isinstance(split[0], Tensor) and isinstance(split[1], Tensor):
+        x, y = split[0], split[1]
         yield from zip(x.split(batch_size), y.split(batch_size), strict=True)
     else:
-        yield from split
+        yield from cast(Iterable[tuple[Tensor, Tensor]], split)
 
 
 @torch.no_grad()

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from mpmae.config import FinetuneConfig
 from mpmae.evaluation.split_metrics import Mean, make_metric
 from mpmae.evaluation.task_losses import make_loss
+from mpmae.models.classifier import Classifier
+from mpmae.models.unet import UNet
 from mpmae.optim import WarmupCosine, apply_lr, param_groups
 from mpmae.tasks import TaskKind
 
@@ -39,7 +41,7 @@ class Finetuner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Classifier | UNet,
         config: FinetuneConfig,
         kind: TaskKind,
         num_classes: int,

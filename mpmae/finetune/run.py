@@ -32,7 +32,7 @@ STATE_KEYS = ("finetuner", "history", "best", "config")
 RESULTS_FILE = "results.json"
 
 
-def build_finetune_model(config: FinetuneConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_finetune_model(config: FinetuneConfig) -> tuple[Classifier | UNet, dict[str, Any]]:
     """Classifier (or U-Net for segmentation) on the configured encoder, and the encoder's model card."""
     task = get_task(config.task)
     encoder, card = encoder_from(config.encoder, config.drop_path, config.arch, config.patch_size)
@@ -42,7 +42,7 @@ def build_finetune_model(config: FinetuneConfig) -> tuple[torch.nn.Module, dict[
 
 def _loader(dataset: GeoBenchDataset, batch_size: int, rank: int, world: int, train: bool, seed: int) -> DataLoader:
     if train:
-        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+        sampler: DistributedSampler[int] = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     return DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size)
 
@@ -75,6 +75,7 @@ def finetune_loop(loop_config: dict[str, Any]) -> None:
         history, best = state["history"], state["best"]
     fine = finetuner.config
     while finetuner.epoch < fine.epochs:
+        assert isinstance(train.sampler, DistributedSampler)
         train.sampler.set_epoch(finetuner.epoch)
         row = {f"train_{k}": v for k, v in finetuner.train_epoch(train).items()}
         row.update({f"val_{k}": v for k, v in _evaluate(finetuner, evals["val"]).items()}, epoch=finetuner.epoch - 1)
@@ -145,7 +146,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                                                resources_per_worker={"CPU": config.run.cpus_per_worker}),
         run_config=train_run_config(config.run, name),
     )
-    metrics = fit(trainer).metrics
+    metrics = fit(trainer).metrics or {}
     results = {"task": config.task, "mode": config.mode, "encoder": config.encoder or "random",
                "partition": config.partition, "select": config.select, **metrics}
     write_results(results_path, results)

@@ -50,7 +50,7 @@ class Visibility:
 
     def __init__(self, mask: Tensor, num_visible: int | None = None) -> None:
         self.mask = mask
-        self.indices = None
+        self.indices: Tensor | None = None
         if num_visible is not None:
             self.indices = torch.argsort(mask.flatten(1), dim=1, stable=True)[:, :num_visible]
         self._maps: dict[tuple[int, int, torch.dtype], Tensor] = {}
@@ -68,6 +68,7 @@ class Visibility:
     def _sites(self, cells: int) -> Tensor:
         """(N, S, 1) flat site indices of the visible patches on a grid with ``cells`` sites per patch side."""
         if cells not in self._site_index:
+            assert self.indices is not None, "gathering needs num_visible"
             w = self.mask.shape[2]
             row, col = self.indices // w, self.indices % w
             offsets = torch.arange(cells, device=self.mask.device)

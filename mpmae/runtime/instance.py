@@ -103,7 +103,7 @@ def resource_shortfall(run: RunConfig, extra_cpus: Mapping[str, float], total: M
 
 
 def _current_shortfall(run: RunConfig, extra_cpus: Mapping[str, float]) -> str | None:
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes: list[dict[str, float]] = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     largest = max(nodes, key=lambda r: r.get("CPU", 0.0), default={})
     return resource_shortfall(run, extra_cpus, ray.cluster_resources(), largest)
 

@@ -8,7 +8,7 @@ import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import ray.train
@@ -17,6 +17,8 @@ from ray.train.torch import TorchTrainer
 
 from mpmae.checkpoint import reporting_full_disk
 from mpmae.config import RunConfig
+
+Module = TypeVar("Module", bound=torch.nn.Module)
 
 
 def lasting_error(error: BaseException) -> ValueError | None:
@@ -59,13 +61,15 @@ class FailFast(ray.train.UserCallback):
 def train_run_config(run: RunConfig, name: str, callbacks: Sequence[Any] = ()) -> ray.train.RunConfig:
     """Ray Train's RunConfig of a run: storage, checkpoints kept, retries (none for lasting errors), and
     Ray Train's own logs at WARNING (at INFO every rank logs each report's whole metrics dict)."""
+    # The ignores: mypy sees ray.train's V1 RunConfig, since ray/train/__init__.py rebinds the V2 one (what
+    # runs here) under ``if is_v2_enabled():``.
     return ray.train.RunConfig(
         name=name,
         storage_path=run.storage,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
-        callbacks=[FailFast(), *callbacks],
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        callbacks=[FailFast(), *callbacks],  # type: ignore[list-item]
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
     )
 
 
@@ -98,7 +102,7 @@ def data_config() -> ray.train.DataConfig:
     ))
 
 
-def channels_last(model: torch.nn.Module) -> torch.nn.Module:
+def channels_last(model: Module) -> Module:
     """``model`` with its convolution weights in the channels-last layout of the activations they see.
 
     The encoder runs channels-last, so conv backward makes channels-last weight gradients. A depthwise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ def describe_data(config: PretrainConfig) -> DataSource:
 
 def _describe_shards(config: PretrainConfig) -> DataSource:
     data = config.data
+    assert data.format != "mmearth"
     try:
         paths = find_shards(data.path, data.split, data.format)
     except ValueError as err:
@@ -123,12 +124,13 @@ def norm_stats(source: DataSource) -> dict[str, Any]:
 def build_trainer(config: PretrainConfig, source: DataSource, callbacks: Sequence[Any] = ()) -> TorchTrainer:
     """The TorchTrainer of a validated config; ``callbacks`` are Ray Train callbacks (Tune's reporter)."""
     run = config.run
-    datasets = {}
+    datasets: dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]] = {}
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 logs one line per epoch
     if config.data.format != "ffcv":
-        datasets["train"] = ray_dataset(config.data.path, config.data.split, config.model.targets,
-                                        shuffle=True, seed=run.seed, include_id=False)
-        datasets["train"].context.print_on_execution_start = False  # two lines per epoch otherwise
+        train = ray_dataset(config.data.path, config.data.split, config.model.targets,
+                            shuffle=True, seed=run.seed, include_id=False)
+        train.context.print_on_execution_start = False  # two lines per epoch otherwise
+        datasets["train"] = train
     name = run_name(config, source)
     return TorchTrainer(
         train_loop_per_worker,

@@ -91,6 +91,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
     data["run"].update(name=ray.tune.get_context().get_trial_id(), storage_path=trials_dir)
     config = from_dict(PretrainConfig, data)
     config.validate()
+    assert config.run.name is not None  # the trial id, set above
     finished = _finished_run_metrics(Path(trials_dir) / config.run.name, config.optim.epochs)
     if finished is not None:  # restored after its last checkpoint: Train would report nothing
         ray.tune.report(finished)
