@@ -69,8 +69,6 @@ class GeoBenchFormatError(ValueError):
     """A folder, file, key or value does not match the GEO-Bench v1.0 format."""
 
 
-
-
 def resolve_bands(bands: str | Sequence[str], band_order: str = "canonical") -> tuple[str, ...]:
     """Canonical Sentinel-2 names of the channels, in channel order.
 

@@ -26,6 +26,7 @@ from mpmae.tasks import TaskKind
 #: A split: all images and labels as two tensors, or any iterable of (images, labels) batches.
 Split = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
 
+
 def batches(split: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The (images, labels) batches of a split, slicing a tensor pair into ``batch_size`` chunks."""
     if isinstance(split, tuple) and len(split) == 2 and isinstance(split[0], Tensor) and isinstance(split[1], Tensor):

@@ -171,10 +171,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("epoch %d/%d step %d loss %.4f %.1f samples/s%s", epoch + 1, config.optim.epochs, state.step,
                      metrics.get("loss", float("nan")), metrics["samples_per_s"],
                      f" probe {metrics['probe_score']:.4f}" if "probe_score" in metrics else "")
-        saving = time.perf_counter()
+
         def write(folder: Path, lr: float = lr) -> Path:
             return save_checkpoint(folder, core, optimizer, state, loop_config["config"], loop_config["norm_stats"], lr)
 
+        saving = time.perf_counter()
         report_with_checkpoint(metrics, rank, write, checkpoint_name(state.epoch, plan["taken"] if plan else ()))
         telemetry.checkpoint(time.perf_counter() - saving)
 
