@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mpmae.models.convnextv2 import ConvNeXtV2, encoder_layer_id
+from mpmae.models.convnextv2 import ConvNeXtV2, encoder_layer_id, grn_parameters
 
 HEAD_INIT_STD = 2e-5
 
@@ -39,7 +39,7 @@ class Classifier(nn.Module):
         return self.head(self.norm(self.encoder.forward_features(x).mean(dim=(-2, -1))))
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+        return grn_parameters(self)
 
     def layer_id(self, name: str) -> int:
         """The encoder's layer ids; the norm and head on top."""

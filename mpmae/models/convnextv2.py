@@ -234,11 +234,8 @@ class ConvNeXtV2(nn.Module):
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = run(self.downsample_layers[i - 1], x)
-            if vis is None:
-                x = stage(x)  # through the stage module, so that its hooks see unmasked passes
-            else:
-                for block in cast(nn.Sequential, stage):
-                    x = block(x, vis)
+            for block in cast(nn.Sequential, stage):
+                x = block(x, vis)
             maps.append(x)
         return maps
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-from mpmae.models.convnextv2 import ConvNeXtV2, encoder_layer_id, init_weights
+from mpmae.models.convnextv2 import ConvNeXtV2, encoder_layer_id, grn_parameters, init_weights
 
 
 class UpsampleBlock(nn.Sequential):
@@ -60,7 +60,7 @@ class UNet(nn.Module):
         return self.encoder.forward_intermediates(x, include_stem=True)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+        return grn_parameters(self)
 
     def layer_id(self, name: str) -> int:
         """The encoder's layer ids; the decoder and head on top."""

@@ -9,17 +9,15 @@ few KB on disk) or that keep their bytes in another file.
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import struct
-import sys
-import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from tests.data.geobench_tiny.data import geobench_stand_ins
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct
@@ -63,32 +61,13 @@ def nested_list_label(levels: int = 30) -> bytes:
     return pickle.dumps({"label": label}, protocol=4)
 
 
-@contextlib.contextmanager
-def _geobench_label_module() -> Iterator[type]:
-    """A throwaway ``geobench.label.Classification`` class, so that the pickler writes that global."""
-    names = ("geobench", "geobench.label")
-    saved = {name: sys.modules.get(name) for name in names}
-    module = types.ModuleType("geobench.label")
-    cls = type("Classification", (), {"__module__": "geobench.label", "__qualname__": "Classification"})
-    module.Classification = cls
-    sys.modules.update({"geobench": types.ModuleType("geobench"), "geobench.label": module})
-    try:
-        yield cls
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-
-
 def object_label_with_bomb(levels: int = 30) -> bytes:
     """Metadata whose label is a GEO-Bench object holding the doubling list: any ``repr`` of it never ends."""
     bomb: list = [0]
     for _ in range(levels):
         bomb = [bomb, bomb]
-    with _geobench_label_module() as cls:
-        label = cls()
+    with geobench_stand_ins({"geobench.label": ("Classification",)}) as classes:
+        label = classes["Classification"]()
         label.n_classes = bomb
         return pickle.dumps({"label": label}, protocol=4)
 

@@ -101,6 +101,11 @@ def copy_mmearth_folder(src: Path, dst: Path, rewrite: Callable[[str, np.ndarray
     return dst
 
 
+def tile_id_only(name: str, array: np.ndarray) -> np.ndarray:
+    """A :func:`copy_mmearth_folder` rewrite: metadata of tile ids alone, as merged folders store it."""
+    return np.array([t for t, _ in array], dtype=[("tile_id", "S100")]) if name == "metadata" else array
+
+
 def edit_mmearth_json(folder: Path, suffix: str, edit: Callable[[dict], None]) -> None:
     """Apply ``edit`` to the folder's ``<stem>_<suffix>.json`` in place."""
     path = folder / f"{mmearth_stem(folder)}_{suffix}.json"

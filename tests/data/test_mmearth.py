@@ -18,6 +18,7 @@ from mpmae.data import MMEarthDataset, MMEarthFormatError
 from mpmae.modalities import ESA_WORLDCOVER_CODES, MODALITIES, PRESETS, SENTINEL2_INPUT_BANDS
 from tests.crafted.mmearth import copy_mmearth_folder as copy_folder
 from tests.crafted.mmearth import edit_mmearth_json as edit_json
+from tests.crafted.mmearth import tile_id_only
 
 STEM = "data_synth_v001_64"
 #: torchgeo's fixture layout: ``meta_id`` names the id field (S10 there, for ids "0".."9"; wider here).
@@ -111,9 +112,6 @@ def test_accepts_torchgeo_layout_uncompressed_and_dtype_variants(mmearth10: Path
         if name == "aster":
             return array.astype(np.int32)
         return array
-
-    def tile_id_only(name: str, array: np.ndarray) -> np.ndarray:
-        return np.array([t for t, _ in array], dtype=[("tile_id", "S100")]) if name == "metadata" else array
 
     selection = [*PRESETS["all_mod"], "sentinel2_scl"]
     expected = MMEarthDataset(mmearth10, modalities=selection).read_batch(range(8))

@@ -12,7 +12,7 @@ import pytest
 
 from mpmae.data import MMEarthDataset
 from mpmae.modalities import PRESETS
-from tests.crafted.mmearth import copy_mmearth_folder
+from tests.crafted.mmearth import copy_mmearth_folder, tile_id_only
 
 STEM = "data_1M_v001_64"
 REAL_METADATA = np.dtype([("tile_id", "S100"), ("S2_type", "S10")])
@@ -70,9 +70,6 @@ def test_accepts_real_layouts_gzip_and_dtype_variants(tg64: Path, tmp_path: Path
         if name == "sentinel2_scl":
             return array.astype(np.uint8)
         return array
-
-    def tile_id_only(name: str, array: np.ndarray) -> np.ndarray:
-        return np.array([t for t, _ in array], dtype=[("tile_id", "S100")]) if name == "metadata" else array
 
     expected = MMEarthDataset(tg64, modalities=[*PRESETS["all_mod"], "sentinel2_scl"]).read_batch(range(10))
     for folder in (copy_mmearth_folder(tg64, tmp_path / "real", to_real_layout, compression="gzip"),

@@ -44,7 +44,7 @@ def test_reference_padding_rejected() -> None:
 def test_phase_one_freezes_encoder_then_phase_two_trains_it_with_layer_decay() -> None:
     model = UNet(tiny_encoder(), num_classes=3)
     modes: list[bool] = []
-    model.encoder.stages[0].register_forward_hook(lambda module, args, out: modes.append(module.training))
+    model.encoder.stages[0][0].register_forward_hook(lambda module, args, out: modes.append(module.training))
     config = recipe(epochs=2, lr=1e-3, freeze_epochs=1, layer_decay=0.5)
     wrapped: list[bool] = []  # whether the encoder trains when the model gets wrapped
 

@@ -31,7 +31,7 @@ import json
 import pickle
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -61,11 +61,15 @@ _PERCENTILES = {"percentile_0_1": 0.1, "percentile_1": 1, "percentile_5": 5, "pe
                 "percentile_99": 99, "percentile_99_9": 99.9}
 
 
+#: The geobench classes a task folder's pickles name, by module.
+TASK_CLASSES = {"geobench.dataset": ("Sentinel2",), "geobench.label": ("MultiLabelClassification",),
+                "geobench.task": ("TaskSpecifications",)}
+
+
 @contextlib.contextmanager
-def _geobench_classes() -> Iterator[dict[str, type]]:
-    """Stand-in ``geobench.*`` modules in ``sys.modules`` (restored after), so pickles name those classes."""
-    layout = {"geobench.dataset": ("Sentinel2",), "geobench.label": ("MultiLabelClassification",),
-              "geobench.task": ("TaskSpecifications",)}
+def geobench_stand_ins(layout: Mapping[str, Sequence[str]] = TASK_CLASSES) -> Iterator[dict[str, type]]:
+    """Throwaway ``geobench.*`` modules holding empty classes of ``layout``'s names, in ``sys.modules`` while
+    the block runs (restored after), so that the ordinary pickler writes those globals."""
     names = ("geobench", *layout)
     saved = {name: sys.modules.get(name) for name in names}
     classes: dict[str, type] = {}
@@ -142,7 +146,7 @@ def write_geobench_tiny(root: Path | str, train: int = 4, valid: int = 1, test: 
     rng = np.random.default_rng([seed, 20240603])
     pixels, labels = _pixels(rng, n), _labels(rng, n)
     names = [f"id_{i:04d}" for i in range(n)]
-    with _geobench_classes() as classes:
+    with geobench_stand_ins() as classes:
         for i, name in enumerate(names):
             meta: dict[str, object] = {"label": labels[i]}
             with h5py.File(folder / f"{name}.hdf5", "w") as h5:
