@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpmae import storage
 from mpmae.atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -338,21 +339,69 @@ def restore(payload: Mapping[str, Any], model: nn.Module, optimizer: torch.optim
     return TrainState(payload["epoch"], payload["step"], payload["skipped_steps"], payload["history"])
 
 
+# -- in an object store -------------------------------------------------------------------------------------
+
+
+def stored_checkpoint_names(run: str) -> list[str]:
+    """The ``epoch-*`` checkpoint folder names of a run folder or URI, newest first."""
+    found = [(m, name) for name, entry in storage.listing(run).items()
+             if entry.type == storage.pafs.FileType.Directory and (m := _CHECKPOINT_NAME.fullmatch(name))]
+    found.sort(key=lambda mn: (int(mn[0].group(1)), int(mn[0].group(2) or 0)), reverse=True)
+    return [name for _, name in found]
+
+
+def stored_incomplete_reason(folder: str) -> str | None:
+    """Why a checkpoint folder in a store is not whole: no marker (an object store shows a folder's files as
+    each upload ends, so the marker, written last, is what says it is complete), or a size that differs."""
+    sizes = storage.file_sizes(folder)
+    marker = storage.join(folder, COMPLETE_FILE)
+    if COMPLETE_FILE not in sizes:
+        return f"{marker}: not found (the upload was cut short)"
+    try:
+        recorded = json.loads(storage.read_bytes(marker, _MARKER_MAX_BYTES))["files"]
+        if not isinstance(recorded, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return f"{marker}: unreadable (its write was cut short)"
+    for name, size in recorded.items():
+        if sizes.get(str(name), 0) != size:
+            return (f"{storage.join(folder, str(name))}: incomplete ({sizes.get(str(name), 0)} of the {size} bytes "
+                    f"{COMPLETE_FILE} records)")
+    return None
+
+
+def newest_stored_checkpoint(run: str) -> str | None:
+    """The newest checkpoint folder of a run URI whose files match its marker (newer ones are warned about)."""
+    for name in stored_checkpoint_names(run):
+        folder = storage.join(run, name)
+        reason = stored_incomplete_reason(folder)
+        if reason is None:
+            return folder
+        log.warning("skipping a checkpoint: %s", reason)
+    return None
+
+
 # -- resuming -----------------------------------------------------------------------------------------------
 
 
-def plan_resume(storage: str, name: str) -> dict[str, Any] | None:
+def plan_resume(storage_path: str, name: str) -> dict[str, Any]:
     """Check, in the driver, the checkpoint a restarted run will resume from, before any worker starts.
 
     Returns ``{"from": folder or None, "taken": names}``: the newest complete, loadable checkpoint of the
     run folder (newer broken ones are skipped with a warning naming the file), and every checkpoint folder
     name already in storage, which a worker never writes again (:func:`checkpoint_name`). Refuses a run
-    folder whose checkpoints all fail. None for URI storage (not checked here: workers resume from Ray's
-    latest checkpoint, as before).
+    folder whose checkpoints all fail. In an object store "complete" is judged by the marker (the files
+    are not downloaded here); the worker that loads it checks the rest.
     """
-    if "://" in storage:
-        return None
-    run = Path(storage) / name
+    if storage.is_uri(storage_path):
+        run_uri = storage.join(storage_path, name)
+        names = stored_checkpoint_names(run_uri)
+        newest = newest_stored_checkpoint(run_uri) if names else None
+        if names and newest is None:
+            raise CheckpointError(f"{run_uri}: cannot resume, none of its {len(names)} checkpoints is complete "
+                                  f"(the newest: {storage.join(run_uri, names[0])}); choose another run.name")
+        return {"from": newest, "taken": sorted(names)}
+    run = Path(storage_path) / name
     folders = checkpoint_folders(run) if run.is_dir() else []
     if not folders:
         return {"from": None, "taken": []}

@@ -19,6 +19,7 @@ import yaml
 
 from mpmae.architectures import VARIANTS, ConvNeXtSpec
 from mpmae.modalities import resolve_selection, tasks_of
+from mpmae.storage import StorageError, check_reachable, is_uri
 from mpmae.tasks import get_task
 
 if TYPE_CHECKING:
@@ -99,11 +100,17 @@ def _check_ranges(section: Any, prefix: str, ranges: Mapping[str, Interval]) -> 
 
 
 def check_storage(path: str, key: str) -> None:
-    """A local storage path is a folder, or can become one, that this process may write; URIs pass.
+    """A local storage path is a folder, or can become one, that this process may write; a URI's bucket
+    exists and the environment's credentials may list it.
 
-    Checked before Ray starts: Ray would otherwise fail in its workers with a long ``NotADirectoryError``.
+    Checked before Ray starts: Ray would otherwise fail in its workers with a long ``NotADirectoryError``
+    or a store's error in each worker.
     """
     if is_uri(path):
+        try:
+            check_reachable(path, key)
+        except StorageError as err:
+            raise ConfigError(str(err)) from None
         return
     folder = Path(path).resolve()
     existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
@@ -313,16 +320,28 @@ class RunConfig:
     log_every_steps: int = 20
     #: On a cluster that can add nodes, how long the driver waits for the resources a run asks for.
     resource_wait_s: float = 600.0
+    #: Elastic training: the fewest workers the run goes on with (``num_workers`` is the most); None: fixed.
+    min_workers: int | None = None
+    #: Also checkpoint every this many optimizer steps inside an epoch (None: at epoch ends only).
+    checkpoint_every_steps: int | None = None
+    #: Upload checkpoints in the background (Ray Train's ASYNC mode), so that the step loop does not wait.
+    async_upload: bool = True
+    #: Preemptions (spot reclaims, drained nodes) the run resumes from, counted apart from ``max_failures``.
+    max_preemptions: int = 10
+    #: How Ray places the workers' bundles on nodes: PACK, SPREAD or STRICT_SPREAD (one per node).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    #: Custom Ray resources each worker asks for beside its CPUs/GPU (e.g. a node type's label).
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def storage(self) -> str:
         """Where Ray Train writes runs: a URI (``s3://``, ``gs://``) as is, a local path made absolute."""
         return self.storage_path if is_uri(self.storage_path) else str(Path(self.storage_path).resolve())
 
-
-def is_uri(path: str) -> bool:
-    """Whether ``path`` names cloud storage (``s3://bucket/prefix``) rather than a filesystem path."""
-    return "://" in path
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may have: ``num_workers`` alone, or the elastic range."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
 
 @dataclasses.dataclass
@@ -366,10 +385,11 @@ class PretrainConfig:
         _check_optim(optim)
         _check_run(run, Path(data.path).name, "data.path")
         _check_model(model, data)
-        if optim.batch_size % run.num_workers:
-            raise ConfigError(
-                f"optim.batch_size: {optim.batch_size} is not divisible by run.num_workers {run.num_workers}"
-            )
+        uneven = [n for n in run.worker_counts if optim.batch_size % n]
+        if uneven:
+            counts = (f"run.num_workers {run.num_workers}" if run.min_workers is None else
+                      f"{uneven[0]} workers (any count in run.min_workers..run.num_workers keeps the global batch)")
+            raise ConfigError(f"optim.batch_size: {optim.batch_size} is not divisible by {counts}")
         _check_probe(self.probe, data)
         check_storage(run.storage_path, "run.storage_path")
 
@@ -378,7 +398,8 @@ _OPTIM_RANGES = {"batch_size": AT_LEAST_1, "accum_steps": AT_LEAST_1, "epochs": 
                  "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "clip_grad": POSITIVE}
 _RUN_RANGES = {"num_workers": AT_LEAST_1, "cpus_per_worker": POSITIVE, "seed": NON_NEGATIVE,
                "keep_checkpoints": AT_LEAST_1, "max_failures": NON_NEGATIVE, "max_nonfinite_steps": NON_NEGATIVE,
-               "log_every_steps": AT_LEAST_1, "resource_wait_s": NON_NEGATIVE}
+               "log_every_steps": AT_LEAST_1, "resource_wait_s": NON_NEGATIVE, "min_workers": AT_LEAST_1,
+               "checkpoint_every_steps": AT_LEAST_1, "max_preemptions": NON_NEGATIVE}
 
 
 def _check_optim(optim: OptimConfig) -> None:
@@ -402,6 +423,11 @@ def _check_min_lr(min_lr: float, lr: float, prefix: str) -> None:
 def _check_run(run: RunConfig, default_part: str, default_key: str) -> None:
     """Ranges and the run name; ``default_part`` is the user's folder name a default run name would embed."""
     _check_ranges(run, "run.", _RUN_RANGES)
+    if run.min_workers is not None and run.min_workers > run.num_workers:
+        raise ConfigError(f"run.min_workers: {run.min_workers} exceeds run.num_workers {run.num_workers} (the most)")
+    for resource, amount in run.worker_resources.items():
+        if not (isinstance(amount, int | float) and amount > 0):
+            raise ConfigError(f"run.worker_resources.{resource}: {amount!r} is not a positive number")
     if run.name is not None:
         check_name(run.name, "run.name")
     else:

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mpmae import storage
 from mpmae.atomic import atomic_write_json
 from mpmae.checkpoint import (
+    COMPLETE_FILE,
     STATE_FILE,
     CheckpointError,
     atomic_save,
     find_checkpoint,
     load_file,
     load_weights,
+    newest_stored_checkpoint,
     reporting_full_disk,
+    stored_checkpoint_names,
+    stored_incomplete_reason,
 )
 from mpmae.modalities import SENTINEL2_INPUT_BANDS, resolve_selection
 from mpmae.models.convnextv2 import ConvNeXtV2
@@ -164,3 +170,44 @@ def _model_card(payload: Mapping[str, Any]) -> dict[str, Any]:
         "trained": {"epochs": payload["epoch"], "steps": payload["step"]},
         "run_config": config,
     }
+
+
+# -- sources in an object store ------------------------------------------------------------------------
+
+
+def _stored_source(source: str) -> tuple[str, list[str] | None]:
+    """The folder of ``source`` (a URI) to download, and which of its files: an export's two files, a
+    checkpoint folder, or a run folder's newest complete checkpoint."""
+    files = storage.file_sizes(source)
+    if CARD_FILE in files or ENCODER_FILE in files:
+        return source, [name for name in (ENCODER_FILE, CARD_FILE) if name in files]
+    if STATE_FILE in files or COMPLETE_FILE in files:
+        reason = stored_incomplete_reason(source)
+        if reason is not None:
+            raise CheckpointError(reason)
+        return source, None
+    names = stored_checkpoint_names(source)
+    newest = newest_stored_checkpoint(source) if names else None
+    if newest is not None:
+        return newest, None
+    if names:
+        raise CheckpointError(f"{source}: none of its {len(names)} checkpoints is complete (the newest: "
+                              f"{storage.join(source, names[0])}; see the warnings above)")
+    raise FileNotFoundError(f"{source}: no {STATE_FILE}, encoder export or checkpoint folder (expected an mpmae "
+                            "checkpoint folder, a run folder or an encoder export)")
+
+
+@contextmanager
+def fetched(source: str | Path) -> Iterator[Path]:
+    """A local folder holding what ``source`` names: ``source`` itself when local; for a URI, a temporary
+    download of the export, checkpoint folder or run folder's newest complete checkpoint. Errors raised in
+    the block name the URI, not the temporary folder."""
+    if not storage.is_uri(source):
+        yield Path(source)
+        return
+    folder, names = _stored_source(str(source))
+    with storage.local_folder(folder, names) as local:
+        try:
+            yield local
+        except (CheckpointError, FileNotFoundError) as err:
+            raise type(err)(storage.renamed(err, local, folder)) from None

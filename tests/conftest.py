@@ -1,15 +1,19 @@
-"""Shared test fixtures: the session's Ray head, a tiny encoder. (External material: tests/external/conftest.py.)"""
+"""Shared test fixtures: the session's S3-compatible store and multi-node Ray cluster, a tiny encoder.
+(External material: tests/external/conftest.py.)"""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,16 +30,113 @@ class RayHead:
     dashboard_url: str
 
 
+@dataclass
+class RayNode:
+    """A worker node started with `ray start --address ... --block` in its own process group."""
+
+    process: subprocess.Popen
+    node_id: str
+    resources: dict[str, float]
+
+    def kill(self) -> None:
+        """The node vanishes (its raylet and workers die at once), as a reclaimed spot instance does."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=60)
+
+
+@dataclass
+class S3Store:
+    """The session's S3 endpoint: moto's server behind a TCP proxy on loopback, credentials in the environment."""
+
+    endpoint: str
+    proxy_port: int
+    moto_port: int
+    proxy: subprocess.Popen
+    names: Iterator[int] = field(default_factory=itertools.count)
+
+    def bucket(self, prefix: str = "bucket") -> str:
+        """A new empty bucket: ``s3://<prefix>-<n>``."""
+        import boto3
+
+        name = f"{prefix}-{next(self.names)}"
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    @contextmanager
+    def outage(self) -> Iterator[None]:
+        """The store goes away (connections refused) for the block, then comes back with its objects."""
+        _stop(self.proxy)
+        try:
+            yield
+        finally:
+            self.proxy = _start_proxy(self.proxy_port, self.moto_port)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _start_proxy(listen_port: int, target_port: int) -> subprocess.Popen:
+    proxy = subprocess.Popen([sys.executable, "-m", "tests.crafted.tcp_proxy", str(listen_port), str(target_port)],
+                             cwd=Path(__file__).parent.parent, start_new_session=True)
+    _wait_for_port(listen_port, proxy, timeout=30)
+    return proxy
+
+
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[RayHead]:
-    """One Ray head for the whole session, started with `ray start` on loopback so that job submission
-    can be tested against it too; this process joins it as a driver.
+def s3() -> Iterator[S3Store]:
+    """moto's S3 server on a free loopback port with IAM checks on, behind a proxy a test can cut.
+
+    The endpoint and an access key made in moto's IAM go into the standard variables (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, ...) of this process and of every Ray node started after it: mpmae reads
+    nothing else. Wrong credentials are refused, as by a real store.
+    """
+    import boto3
+
+    moto_port, proxy_port = _free_port(), _free_port()
+    moto_cli = str(Path(sys.executable).with_name("moto_server"))
+    moto = subprocess.Popen([moto_cli, "-H", "127.0.0.1", "-p", str(moto_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    proxy = None
+    try:
+        _wait_for_port(moto_port, moto, timeout=60)
+        proxy = _start_proxy(proxy_port, moto_port)
+        endpoint = f"http://127.0.0.1:{proxy_port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="mpmae")
+        iam.put_user_policy(UserName="mpmae", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="mpmae")["AccessKey"]
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=key["AccessKeyId"],
+                          AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"], AWS_REGION="us-east-1",
+                          AWS_DEFAULT_REGION="us-east-1")
+        store = S3Store(endpoint, proxy_port, moto_port, proxy)
+        yield store
+        proxy = store.proxy
+    finally:
+        if proxy is not None:
+            _stop(proxy)
+        _stop(moto)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3: S3Store) -> Iterator[RayHead]:
+    """One Ray cluster for the whole session: a head started with `ray start` on loopback (so that job
+    submission can be tested against it too) and a second node, ``node-b``; this process joins as a driver.
 
     ``num_cpus=4`` is declared whatever the machine has: on a 2-core box, Train workers plus a Ray Data
     pipeline need more CPU slots than cores, or scheduling waits forever. Token auth is disabled (unless
@@ -58,18 +159,56 @@ def ray_cluster() -> Iterator[RayHead]:
         # cleaner) would otherwise auto-discover the newest Ray instance on the machine, maybe another one.
         env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"},
     )
+    nodes: list[RayNode] = []
     try:
         _wait_for_port(dashboard_port, head, timeout=180)
         ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        nodes.append(start_node(f"127.0.0.1:{gcs_port}", {"node-b": 1, "trainer_slot": 1}, cpus=2))
         yield RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}")
     finally:
         ray.shutdown()
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        for node in nodes:
+            node.kill()
+        _stop(head)
+
+
+def start_node(address: str, resources: dict[str, float], cpus: int = 1) -> RayNode:
+    """Start a worker node of the cluster at ``address`` with ``resources``; wait until Ray schedules on it."""
+    import ray
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    known = {n["NodeID"] for n in ray.nodes()}
+    process = subprocess.Popen(
+        [ray_cli, "start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+         f"--resources={json.dumps(resources)}", f"--object-store-memory={100 * 1024**2}", "--disable-usage-stats",
+         "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "RAY_ADDRESS": address},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"`ray start --address` exited with status {process.returncode}")
+        new = [n for n in ray.nodes() if n["NodeID"] not in known and n["Alive"]]
+        if new:
+            return RayNode(process, new[0]["NodeID"], resources)
+        time.sleep(0.5)
+    raise TimeoutError(f"a node with {resources} did not join the cluster within 120 s")
+
+
+@pytest.fixture
+def ray_node(ray_cluster: RayHead) -> Iterator[Callable[..., RayNode]]:
+    """Start extra nodes (``ray_node({"trainer_slot": 1})``); the test may kill them; teardown kills the rest."""
+    started: list[RayNode] = []
+
+    def start(resources: dict[str, float], cpus: int = 1) -> RayNode:
+        started.append(start_node(ray_cluster.address, resources, cpus))
+        return started[-1]
+
+    yield start
+    for node in started:
+        node.kill()
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:

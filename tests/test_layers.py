@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mpmae"
 
 #: The layers, lowest first: a module may import from its own layer and the ones listed before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("mpmae.atomic", "mpmae.modalities", "mpmae.tasks", "mpmae.architectures", "mpmae.tables"),
+    ("mpmae.atomic", "mpmae.storage", "mpmae.modalities", "mpmae.tasks", "mpmae.architectures", "mpmae.tables"),
     ("mpmae.config",),
     ("mpmae.data", "mpmae.pretext_losses", "mpmae.telemetry"),
     ("mpmae.models",),
