@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpmae import storage
+import mpmae.storage as storage
 from mpmae.atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mpmae import storage
+import mpmae.storage as storage
 from mpmae.atomic import atomic_write_json
 from mpmae.checkpoint import (
     COMPLETE_FILE,
