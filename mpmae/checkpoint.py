@@ -39,10 +39,11 @@ CHECKPOINT_FORMAT = "mpmae-checkpoint/1"
 #: What ``state.pt`` must hold, and everything it may hold.
 STATE_REQUIRED = ("model", "config", "epoch", "step")
 STATE_KEYS = frozenset({*STATE_REQUIRED, "optimizer", "scheduler", "scaler", "skipped_steps", "history",
-                        "data_position", "norm_stats"})
+                        "data_position", "norm_stats", "resumes"})
 #: A marker is a few hundred bytes; more is not one of ours.
 _MARKER_MAX_BYTES = 64 * 1024
-_CHECKPOINT_NAME = re.compile(r"epoch-(\d+)(?:\.(\d+))?")
+#: ``epoch-E`` after E whole epochs, ``epoch-E-step-S`` at step S inside the next one; ``.K``: a retaken name.
+_CHECKPOINT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?(?:\.(\d+))?")
 #: Exact types (numpy's float64 is a float subclass, and weights_only refuses it).
 _PLAIN = frozenset({str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device})
 _ZIP_MAGIC, _HDF5_MAGIC = b"PK\x03\x04", b"\x89HDF\r\n\x1a\n"
@@ -58,12 +59,16 @@ class StorageFullError(OSError):
 
 @dataclass
 class TrainState:
-    """Where training stands: the next epoch to run and the optimizer steps taken so far."""
+    """Where training stands: the next epoch to run, the batches of it already done (a checkpoint taken
+    inside an epoch), the optimizer steps taken so far."""
 
     epoch: int = 0
     step: int = 0
     skipped_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    batch: int = 0
+    #: Each time the run resumed: from which step, epoch and batch, with how many workers.
+    resumes: list[dict[str, int]] = field(default_factory=list)
 
 
 # -- writing ------------------------------------------------------------------------------------------------
@@ -131,8 +136,10 @@ def save_checkpoint(
     config: Mapping[str, Any],
     norm_stats: Mapping[str, Any],
     lr: float,
+    reason: str = "epoch",
 ) -> Path:
-    """Write the complete training state into ``folder`` (created if needed), then its marker."""
+    """Write the complete training state into ``folder`` (created if needed), then its marker, which also
+    says why the checkpoint was taken (``epoch``, ``steps`` or ``preemption``)."""
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -143,19 +150,21 @@ def save_checkpoint(
         "step": state.step,
         "skipped_steps": state.skipped_steps,
         "history": list(state.history),
-        "data_position": {"epoch": state.epoch, "batch": 0},
+        "resumes": list(state.resumes),
+        "data_position": {"epoch": state.epoch, "batch": state.batch},
         "config": dict(config),
         "norm_stats": dict(norm_stats),
     }
     atomic_save(payload, folder / STATE_FILE)
-    mark_complete(folder, [STATE_FILE], epoch=state.epoch, step=state.step)
+    mark_complete(folder, [STATE_FILE], epoch=state.epoch, step=state.step, batch=state.batch, reason=reason)
     return folder / STATE_FILE
 
 
-def checkpoint_name(epoch: int, taken: Collection[str] = ()) -> str:
-    """``epoch-NNNN``, or ``epoch-NNNN.K`` when a folder of that name is already in storage (a resume that
-    fell back past a broken checkpoint must neither overwrite it nor share its name in Ray's record)."""
-    name = candidate = f"epoch-{epoch:04d}"
+def checkpoint_name(epoch: int, taken: Collection[str] = (), step: int | None = None) -> str:
+    """``epoch-NNNN`` after NNNN whole epochs, ``epoch-NNNN-step-SSSSSSSS`` at step S inside the next epoch;
+    ``.K`` appended when a folder of that name is already in storage (a resume that fell back past a
+    broken checkpoint must neither overwrite it nor share its name in Ray's record)."""
+    name = candidate = f"epoch-{epoch:04d}" + ("" if step is None else f"-step-{step:08d}")
     again = 0
     while candidate in taken:
         again += 1
@@ -266,8 +275,13 @@ def incomplete_reason(folder: Path) -> str | None:
 def checkpoint_folders(run: Path) -> list[Path]:
     """The ``epoch-*`` checkpoint folders of a run folder, newest first."""
     found = [(m, p) for p in run.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.fullmatch(p.name))]
-    found.sort(key=lambda mp: (int(mp[0].group(1)), int(mp[0].group(2) or 0)), reverse=True)
+    found.sort(key=lambda mp: _order(mp[0]), reverse=True)
     return [p for _, p in found]
+
+
+def _order(match: re.Match[str]) -> tuple[int, int, int]:
+    """Checkpoints in training order: epochs done, then the step inside the next epoch, then retakes."""
+    return int(match.group(1)), int(match.group(2) or 0), int(match.group(3) or 0)
 
 
 def _load_state_file(file: Path) -> dict[str, Any]:
@@ -336,7 +350,10 @@ def restore(payload: Mapping[str, Any], model: nn.Module, optimizer: torch.optim
             optimizer.load_state_dict(payload["optimizer"])
         except (KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"{file}: the optimizer state does not fit this model ({err})") from None
-    return TrainState(payload["epoch"], payload["step"], payload["skipped_steps"], payload["history"])
+    position = payload.get("data_position") or {}
+    batch = position.get("batch", 0) if position.get("epoch") == payload["epoch"] else 0
+    return TrainState(payload["epoch"], payload["step"], payload["skipped_steps"], payload["history"], int(batch),
+                      list(payload.get("resumes") or []))
 
 
 # -- in an object store -------------------------------------------------------------------------------------
@@ -346,7 +363,7 @@ def stored_checkpoint_names(run: str) -> list[str]:
     """The ``epoch-*`` checkpoint folder names of a run folder or URI, newest first."""
     found = [(m, name) for name, entry in storage.listing(run).items()
              if entry.type == storage.pafs.FileType.Directory and (m := _CHECKPOINT_NAME.fullmatch(name))]
-    found.sort(key=lambda mn: (int(mn[0].group(1)), int(mn[0].group(2) or 0)), reverse=True)
+    found.sort(key=lambda mn: _order(mn[0]), reverse=True)
     return [name for _, name in found]
 
 

@@ -54,20 +54,40 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.tiles} synthetic tiles of {args.size} px to {out}")
 
 
-def _shard(args: argparse.Namespace) -> None:
-    from mpmae.data.shards import write_shards
+def _shard(args: argparse.Namespace) -> int:
+    import os
 
-    paths = write_shards(
-        args.folder,
-        args.out,
-        format=args.format,
-        split=args.split,
-        modalities=args.modalities,
-        overwrite=args.overwrite,
-        progress=True,
-        **({"tiles_per_shard": args.tiles_per_shard} if args.tiles_per_shard is not None else {}),
-    )
+    from mpmae.data.shards import write_shards
+    from mpmae.storage import StoreUnavailableError
+
+    parallel = False
+    if args.ray:
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(address=address)
+            parallel = True
+        else:
+            print("mpmae shard: RAY_ADDRESS is unset: writing the shards in this process", file=sys.stderr)
+    try:
+        paths = write_shards(
+            args.folder,
+            args.out,
+            format=args.format,
+            split=args.split,
+            modalities=args.modalities,
+            overwrite=args.overwrite,
+            progress=True,
+            parallel=parallel,
+            **({"tiles_per_shard": args.tiles_per_shard} if args.tiles_per_shard is not None else {}),
+        )
+    except StoreUnavailableError as err:  # the store did not answer: not the input's fault
+        print(f"mpmae shard: error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {len(paths)} {args.format} shard(s) to {args.out}")
+    return 0
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -110,18 +130,23 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from mpmae.evaluation.probe_table import probe_table
-    from mpmae.tables import format_table, write_results
+    import json
 
-    if args.out is not None and args.out.exists():
-        raise FileExistsError(f"{args.out} already exists; choose another --out")
+    import mpmae.storage as storage
+    from mpmae.evaluation.probe_table import probe_table
+    from mpmae.tables import format_table
+
+    if args.out is not None:
+        storage.check_reachable(args.out, "--out")
+        if storage.exists(args.out):
+            raise FileExistsError(f"{args.out} already exists; choose another --out")
     encoders = [*args.checkpoint, *([None] if args.random else [])]
     if not encoders:
         raise ValueError("give at least one --checkpoint, or --random")
     rows = probe_table(encoders, args.task, data=args.data, geobench_dir=args.geobench_dir, epochs=args.epochs)
     print(format_table(rows, ["encoder", "task", "train_samples", "test_samples", "score"]))
-    if args.out is not None:
-        write_results(args.out, rows)
+    if args.out is not None:  # never overwritten (a file that appeared meanwhile is refused too)
+        storage.write_bytes(args.out, json.dumps(rows, indent=2, default=float).encode())
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -176,15 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace a folder mpmae synth wrote (refuses one holding anything else)")
     synth.set_defaults(run=_synth)
 
-    shard = commands.add_parser("shard", help="convert a folder into Parquet or FFCV training shards")
-    shard.add_argument("folder", type=Path)
-    shard.add_argument("out", type=Path)
+    shard = commands.add_parser(
+        "shard", help="convert a folder into Parquet or FFCV training shards",
+        description="Convert one split of a local MMEarth folder into Parquet or FFCV shards in OUT, a folder or "
+                    "an object-store URI (s3://bucket/prefix; endpoint and credentials from AWS_ENDPOINT_URL, "
+                    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...). A manifest is written last; readers use only "
+                    "sets that have one. Rerun after an interruption to resume: shards of the same run are kept.")
+    shard.add_argument("folder", type=Path, help="a local MMEarth folder")
+    shard.add_argument("out", type=str, help="output folder or URI (s3://bucket/prefix)")
     shard.add_argument("--format", choices=("parquet", "ffcv"), default="parquet")
     shard.add_argument("--split", choices=("train", "val", "test"), default="train")
     shard.add_argument("--tiles-per-shard", type=int,
                        help="tiles per shard (default: mpmae.data.shards.DEFAULT_TILES_PER_SHARD)")
     shard.add_argument("--modalities", default="all_mod", help="preset or comma-free modality name")
-    shard.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
+    shard.add_argument("--overwrite", action="store_true",
+                       help="replace an existing shard set of this split (refuses files mpmae did not write)")
+    shard.add_argument("--ray", action="store_true",
+                       help="write each shard as a Ray task of the cluster at RAY_ADDRESS, on this machine's node "
+                            "(which holds the h5); without RAY_ADDRESS the shards are written in this process")
     shard.set_defaults(run=_shard)
 
     pretrain = commands.add_parser("pretrain", help="pretrain on Ray (RAY_ADDRESS, or a local instance)")
@@ -193,14 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=_pretrain)
 
     export = commands.add_parser("export", help="write a checkpoint's encoder and its model card")
-    export.add_argument("checkpoint", type=Path)
-    export.add_argument("out", type=Path)
+    export.add_argument("checkpoint", help="a checkpoint folder or state.pt, or a run folder (its newest complete "
+                                           "checkpoint); a path or a URI such as s3://bucket/runs/demo")
+    export.add_argument("out", help="the export folder, a path or a URI (an existing export there is never "
+                                    "overwritten)")
     export.set_defaults(run=_export)
 
     visualize = commands.add_parser("visualize", help="reconstruction PNGs and loss curves of a checkpoint")
-    visualize.add_argument("checkpoint", type=Path)
-    visualize.add_argument("data", type=Path, help="an MMEarth folder to draw tiles from")
-    visualize.add_argument("--out", type=Path, required=True)
+    visualize.add_argument("checkpoint", help="a checkpoint folder or state.pt, or a run folder; a path or a URI")
+    visualize.add_argument("data", help="a local MMEarth folder (h5 files, not a URI) to draw tiles from")
+    visualize.add_argument("--out", required=True,
+                           help="the output folder, a path (its files rewritten) or a URI (files already "
+                                "there are never replaced)")
     visualize.add_argument("--tiles", type=int, default=4)
     visualize.set_defaults(run=_visualize)
 
@@ -210,20 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(run=_finetune)
 
     probe = commands.add_parser("probe", help="quick in-process linear probes of encoders, side by side")
-    probe.add_argument("--checkpoint", type=Path, action="append", default=[],
-                       help="an export folder, checkpoint or run folder (repeatable)")
+    probe.add_argument("--checkpoint", action="append", default=[],
+                       help="an export folder, checkpoint or run folder, a path or a URI (repeatable)")
     probe.add_argument("--random", action="store_true", help="also probe a randomly initialised encoder")
     probe.add_argument("--task", required=True, help="a GEO-Bench task, or land_cover (needs --data)")
     probe.add_argument("--data", type=Path, help="MMEarth folder for the held-out land_cover task")
     probe.add_argument("--geobench-dir", help="GEO-Bench root (default $GEO_BENCH_DIR)")
     probe.add_argument("--epochs", type=int, default=100)
-    probe.add_argument("--out", type=Path, help="write the table as JSON here (never overwritten)")
+    probe.add_argument("--out", help="write the table as JSON here, a path or a URI (never overwritten)")
     probe.set_defaults(run=_probe)
 
     tune = commands.add_parser("tune", help="Ray Tune sweep of pretraining configs, ranked by a probe score")
     tune.add_argument("--config", type=Path, help="a sweep YAML, e.g. configs/tune_demo.yaml")
     tune.add_argument("--resume", metavar="NAME", help="continue the interrupted sweep NAME")
-    tune.add_argument("--storage-path", default="runs", help="where --resume finds the sweep (default runs)")
+    tune.add_argument("--storage-path", default="runs",
+                      help="where --resume finds the sweep, a path or a URI (default runs)")
     tune.add_argument("overrides", nargs="*", help="key=value, e.g. num_samples=4 scheduler.type=fifo")
     tune.set_defaults(run=_tune)
 
@@ -267,12 +306,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def environment_error(err: BaseException) -> str | None:
-    """One line for a full disk or a refused permission anywhere in ``err``'s chain (Ray wraps a worker's
-    error in its own), naming the path; None for anything else."""
+    """One line for a full disk, a refused permission or a store that stays away anywhere in ``err``'s chain
+    (Ray wraps a worker's error in its own), naming the path; None for anything else."""
+    from mpmae.storage import StoreUnavailableError
+
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, StoreUnavailableError):
+            return str(current)
         if isinstance(current, PermissionError) or (isinstance(current, OSError) and current.errno == errno.ENOSPC):
             reason = "permission denied" if isinstance(current, PermissionError) else "no space left on device"
             return f"{current.filename}: {reason}" if current.filename is not None else f"{reason} ({current})"

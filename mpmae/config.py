@@ -14,12 +14,13 @@ import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
 
 from mpmae.architectures import VARIANTS, ConvNeXtSpec
 from mpmae.modalities import resolve_selection, tasks_of
-from mpmae.storage import StorageError, check_reachable, is_uri
+from mpmae.storage import StorageError, StoreUnavailableError, check_reachable, is_uri
 from mpmae.tasks import get_task
 
 if TYPE_CHECKING:
@@ -100,17 +101,15 @@ def _check_ranges(section: Any, prefix: str, ranges: Mapping[str, Interval]) -> 
 
 
 def check_storage(path: str, key: str) -> None:
-    """A local storage path is a folder, or can become one, that this process may write; a URI's bucket
-    exists and the environment's credentials may list it.
+    """A local storage path is a folder, or can become one, that this process may write; a URI has the
+    form ``scheme://bucket/...`` (whether the store answers is :func:`check_store`'s, before Ray starts).
 
-    Checked before Ray starts: Ray would otherwise fail in its workers with a long ``NotADirectoryError``
-    or a store's error in each worker.
+    Checked before Ray starts: Ray would otherwise fail in its workers with a long ``NotADirectoryError``.
     """
     if is_uri(path):
-        try:
-            check_reachable(path, key)
-        except StorageError as err:
-            raise ConfigError(str(err)) from None
+        parts = urlsplit(path)
+        if not (parts.scheme and parts.netloc):
+            raise ConfigError(f"{key}: {path} is not a URI of the form scheme://bucket/path")
         return
     folder = Path(path).resolve()
     existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
@@ -119,6 +118,15 @@ def check_storage(path: str, key: str) -> None:
         raise ConfigError(f"{key}: {path} {where}; expected a folder (or a path where one can be made)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}: {path}: {existing} is not writable by this user")
+
+
+def check_store(path: str, key: str) -> None:
+    """For a URI, that the bucket exists and the environment's credentials may list it (one line naming ``key``
+    and the URI otherwise); run where a command starts, before any worker. Local paths pass."""
+    try:
+        check_reachable(path, key)
+    except (StorageError, StoreUnavailableError) as err:
+        raise ConfigError(str(err) if isinstance(err, StorageError) else f"{key}: {err}") from None
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
@@ -328,6 +336,8 @@ class RunConfig:
     async_upload: bool = True
     #: Preemptions (spot reclaims, drained nodes) the run resumes from, counted apart from ``max_failures``.
     max_preemptions: int = 10
+    #: How often (optimizer steps) the workers ask Ray for a preemption notice (a barrier of all ranks).
+    preemption_check_steps: int = 5
     #: How Ray places the workers' bundles on nodes: PACK, SPREAD or STRICT_SPREAD (one per node).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     #: Custom Ray resources each worker asks for beside its CPUs/GPU (e.g. a node type's label).
@@ -399,7 +409,8 @@ _OPTIM_RANGES = {"batch_size": AT_LEAST_1, "accum_steps": AT_LEAST_1, "epochs": 
 _RUN_RANGES = {"num_workers": AT_LEAST_1, "cpus_per_worker": POSITIVE, "seed": NON_NEGATIVE,
                "keep_checkpoints": AT_LEAST_1, "max_failures": NON_NEGATIVE, "max_nonfinite_steps": NON_NEGATIVE,
                "log_every_steps": AT_LEAST_1, "resource_wait_s": NON_NEGATIVE, "min_workers": AT_LEAST_1,
-               "checkpoint_every_steps": AT_LEAST_1, "max_preemptions": NON_NEGATIVE}
+               "checkpoint_every_steps": AT_LEAST_1, "max_preemptions": NON_NEGATIVE,
+               "preemption_check_steps": AT_LEAST_1}
 
 
 def _check_optim(optim: OptimConfig) -> None:
@@ -502,9 +513,10 @@ def check_task_weights(
 class FinetuneConfig:
     """A GEO-Bench evaluation run (docs/method.md): linear probe or fine-tune, U-Net for segmentation tasks.
 
-    ``encoder`` is an `mpmae export` folder, a pretraining checkpoint or run folder, or null for a
-    randomly initialised ``arch`` / ``patch_size`` encoder. lr = blr x batch_size / 256. The same object
-    drives :class:`mpmae.finetune.finetune.Finetuner`, which takes the task's kind and classes beside it.
+    ``encoder`` is an `mpmae export` folder, a pretraining checkpoint or run folder (a path or a URI), or
+    null for a randomly initialised ``arch`` / ``patch_size`` encoder; ``run.storage_path`` may be a URI.
+    lr = blr x batch_size / 256. The same object drives :class:`mpmae.finetune.finetune.Finetuner`, which
+    takes the task's kind and classes beside it.
     """
 
     task: str = "m-bigearthnet"
@@ -600,7 +612,8 @@ class SweepConfig:
     merged over it and the searched values of ``search`` on top, judged by their probe score.
 
     ``max_concurrent_trials`` is also Optuna's concurrency limit: it suggests a config only when a trial
-    can start, so each suggestion learns from every finished trial."""
+    can start, so each suggestion learns from every finished trial. ``storage_path`` is a folder or a URI
+    (``s3://bucket/sweeps``): the sweep's folder, its trials and its summary all go there."""
 
     name: str = "tune"
     storage_path: str = "runs"
@@ -622,7 +635,4 @@ class SweepConfig:
                                                      "reduction_factor": Interval(1.0, open_low=True)})
         if not self.search:
             raise ConfigError("search: the search space is empty")
-        if is_uri(self.storage_path):
-            raise ConfigError(f"storage_path: {self.storage_path} is a URI; a sweep writes its tables and exports "
-                              "to a filesystem path (on a cluster: a shared mount such as EFS or Filestore)")
-        check_storage(self.storage_path, "storage_path")
+        check_storage(self.storage_path, "storage_path")  # a folder, or a URI (its store: tune's check_store)

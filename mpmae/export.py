@@ -45,8 +45,8 @@ def load_encoder(
 ) -> tuple[ConvNeXtV2, dict[str, Any] | None]:
     """A features-only encoder and its model card (None for an in-memory encoder).
 
-    ``source`` is an export folder (``encoder.pt`` is loaded strictly: no missing or unexpected key)
-    or an encoder, which is deep-copied so that fine-tuning never changes the caller's weights.
+    ``source`` is an export folder or its URI (``encoder.pt`` is loaded strictly: no missing or unexpected
+    key) or an encoder, which is deep-copied so that fine-tuning never changes the caller's weights.
     The drop-path rates rise linearly to ``drop_path_rate`` over the blocks, as in the constructor.
     """
     if isinstance(source, ConvNeXtV2):
@@ -55,6 +55,9 @@ def load_encoder(
         encoder = copy.deepcopy(source)
         encoder.set_drop_path(drop_path_rate)
         return encoder, None
+    if storage.is_uri(source):
+        with fetched(source, "encoder") as local:
+            return load_encoder(local, drop_path_rate)
     folder = Path(source)
     card = read_card(folder / CARD_FILE)
     arch = card["architecture"]
@@ -93,14 +96,17 @@ def read_card(path: Path) -> dict[str, Any]:
 def encoder_from(
     source: str | Path | None, drop_path_rate: float = 0.0, arch: str = "atto", patch_size: int = 8
 ) -> tuple[ConvNeXtV2, dict[str, Any]]:
-    """An encoder and its model card from an export folder, a training checkpoint or run folder, or
-    (``source=None``) a randomly initialised ``arch`` encoder on the 12 default input bands."""
+    """An encoder and its model card from an export folder, a training checkpoint or run folder (each a
+    local path or a URI), or (``source=None``) a randomly initialised ``arch`` encoder on the 12 default input bands."""
     if source is None:
         encoder = ConvNeXtV2(len(SENTINEL2_INPUT_BANDS), arch, patch_size, drop_path_rate=drop_path_rate,
                              features_only=True)
         card: dict[str, Any] = {"architecture": {"arch": arch, "patch_size": patch_size, "stem": "modified"},
                 "bands": list(SENTINEL2_INPUT_BANDS), "patch_size": patch_size, "random_init": True}
         return encoder, card
+    if storage.is_uri(source):
+        with fetched(source, "encoder") as local:
+            return encoder_from(local, drop_path_rate, arch, patch_size)
     folder = Path(source)
     if (folder / CARD_FILE).is_file() or (folder / ENCODER_FILE).is_file():  # an export, never a checkpoint
         encoder, export_card = load_encoder(source, drop_path_rate)
@@ -115,19 +121,28 @@ def encoder_from(
     return encoder, card
 
 
-def export_encoder(checkpoint: Path | str, out: Path | str) -> Path:
-    """Write the encoder's plain state dict and a JSON model card into ``out`` (refusing to overwrite)."""
-    file, payload = find_checkpoint(checkpoint)
-    out = Path(out)
-    existing = [out / name for name in (ENCODER_FILE, CARD_FILE) if (out / name).exists()]
+def export_encoder(checkpoint: Path | str, out: Path | str) -> Path | str:
+    """Write the encoder's plain state dict and a JSON model card into ``out`` (refusing to overwrite).
+
+    ``checkpoint`` (a checkpoint folder or file, or a run folder) and ``out`` may each be a URI. Into a
+    store the card is uploaded last, so that its presence means the export is whole. Returns ``out``
+    (a Path when local).
+    """
+    target = str(out)
+    storage.check_reachable(target, "out")
+    existing = [storage.join(target, name) for name in (ENCODER_FILE, CARD_FILE)
+                if storage.exists(storage.join(target, name))]
     if existing:
         raise FileExistsError(f"{existing[0]} already exists; choose another output folder")
-    encoder = encoder_weights(payload, file)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save(encoder, out / ENCODER_FILE)
-    with reporting_full_disk(out / CARD_FILE, "writing it"):
-        atomic_write_json(out / CARD_FILE, model_card(payload, file))
-    return out
+    with fetched(checkpoint, "checkpoint") as local:
+        file, payload = find_checkpoint(local)
+        encoder = encoder_weights(payload, file)
+        card = model_card(payload, file)
+    with storage.output_folder(target, last=[CARD_FILE]) as folder:
+        atomic_save(encoder, folder / ENCODER_FILE)
+        with reporting_full_disk(folder / CARD_FILE, "writing it"):
+            atomic_write_json(folder / CARD_FILE, card)
+    return target if storage.is_uri(target) else Path(out)
 
 
 def encoder_weights(payload: Mapping[str, Any], file: Path | str) -> dict[str, torch.Tensor]:
@@ -175,39 +190,50 @@ def _model_card(payload: Mapping[str, Any]) -> dict[str, Any]:
 # -- sources in an object store ------------------------------------------------------------------------
 
 
-def _stored_source(source: str) -> tuple[str, list[str] | None]:
-    """The folder of ``source`` (a URI) to download, and which of its files: an export's two files, a
-    checkpoint folder, or a run folder's newest complete checkpoint."""
+def _stored_source(source: str, key: str) -> tuple[str, list[str] | None, str | None]:
+    """The folder of ``source`` (a URI) to download, which of its files (None: all), and the file to
+    yield (None: the folder): an export's two files, a checkpoint folder or its ``state.pt``, or a run
+    folder's newest complete checkpoint."""
+    if storage.is_file(source):  # a file: state.pt (judged by its folder's marker) or any other one
+        folder, name = storage.parent_of(source), storage.name_of(source)
+        if name != STATE_FILE:
+            return folder, [name], name
+        reason = stored_incomplete_reason(folder)
+        if reason is not None:
+            raise CheckpointError(reason)
+        return folder, [STATE_FILE, COMPLETE_FILE], name
     files = storage.file_sizes(source)
     if CARD_FILE in files or ENCODER_FILE in files:
-        return source, [name for name in (ENCODER_FILE, CARD_FILE) if name in files]
+        return source, [name for name in (ENCODER_FILE, CARD_FILE) if name in files], None
     if STATE_FILE in files or COMPLETE_FILE in files:
         reason = stored_incomplete_reason(source)
         if reason is not None:
             raise CheckpointError(reason)
-        return source, None
+        return source, None, None
     names = stored_checkpoint_names(source)
     newest = newest_stored_checkpoint(source) if names else None
     if newest is not None:
-        return newest, None
+        return newest, None, None
     if names:
         raise CheckpointError(f"{source}: none of its {len(names)} checkpoints is complete (the newest: "
                               f"{storage.join(source, names[0])}; see the warnings above)")
+    storage.check_reachable(source, key)  # nothing there: a missing bucket says so, naming ``key``
     raise FileNotFoundError(f"{source}: no {STATE_FILE}, encoder export or checkpoint folder (expected an mpmae "
                             "checkpoint folder, a run folder or an encoder export)")
 
 
 @contextmanager
-def fetched(source: str | Path) -> Iterator[Path]:
-    """A local folder holding what ``source`` names: ``source`` itself when local; for a URI, a temporary
-    download of the export, checkpoint folder or run folder's newest complete checkpoint. Errors raised in
-    the block name the URI, not the temporary folder."""
+def fetched(source: str | Path, key: str = "source") -> Iterator[Path]:
+    """A local path holding what ``source`` names: ``source`` itself when local; for a URI, a temporary
+    download of the export, checkpoint folder (or its ``state.pt``) or run folder's newest complete
+    checkpoint. Errors raised in the block name the URI, not the temporary folder; a missing bucket or
+    refused credentials are a :class:`~mpmae.storage.StorageError` naming ``key``."""
     if not storage.is_uri(source):
         yield Path(source)
         return
-    folder, names = _stored_source(str(source))
+    folder, names, file = _stored_source(str(source), key)
     with storage.local_folder(folder, names) as local:
         try:
-            yield local
+            yield local if file is None else local / file
         except (CheckpointError, FileNotFoundError) as err:
             raise type(err)(storage.renamed(err, local, folder)) from None

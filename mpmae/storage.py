@@ -293,3 +293,8 @@ def local_folder(source: str | os.PathLike[str], names: Iterable[str] | None = N
 def renamed(err: BaseException, local: Path, uri: str) -> str:
     """``err``'s message with the temporary folder ``local`` shown as the URI it was downloaded from."""
     return str(err).replace(str(local), str(uri).rstrip("/"))
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """A URI as is, a local path made absolute (Ray and Tune run code in other working directories)."""
+    return str(path) if is_uri(path) else str(Path(path).resolve())

@@ -6,6 +6,10 @@ reconstruction. As in MAE, the reconstruction shows predictions only in masked p
 visible ones, because only masked patches are scored. Image-level tasks go to a JSON file of predicted and
 target values. `plot_loss_curves` draws the per-epoch metrics a checkpoint carries. Figures are drawn
 with matplotlib's Agg canvas directly (no pyplot state, no display) and every file is written atomically.
+
+The checkpoint and the output folder may be URIs (``s3://...``): the checkpoint is downloaded, the files are
+drawn into a temporary folder and uploaded when all are drawn, and a file already in the store is never
+replaced (a local output folder is drawn into directly, its files rewritten). The data stay a local folder.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
+import mpmae.storage as storage
 from mpmae.atomic import atomic_write, atomic_write_json
 from mpmae.checkpoint import STATE_FILE, find_checkpoint, load_weights
 from mpmae.config import PretrainConfig, from_dict
 from mpmae.data.loaders import to_batch
 from mpmae.data.mmearth import MMEarthDataset
+from mpmae.export import fetched
 from mpmae.modalities import IMAGE_TASKS, MODALITIES, Selection
 from mpmae.models.mpmae import INPUT_MODALITY, MPMAE, MPMAEOutput, random_mask
 from mpmae.pretext_losses import NORM_PIX_EPS, patchify
@@ -251,11 +257,33 @@ def _open_split(data: Path | str, split: str, model: MPMAE) -> MMEarthDataset:
     return dataset
 
 
-def _reconstructions(checkpoint: tuple[Path, Mapping[str, Any]], data: Path | str, out_dir: Path, tiles: int,
+def _output_names(model: MPMAE) -> list[str]:
+    """The files the reconstructions of ``model``'s tasks go to."""
+    names = [f"recon_{task}.png" for task in model.tasks if MODALITIES[task].level == "pixel"]
+    return names + ([IMAGE_TASKS_FILE] if any(t in IMAGE_TASKS for t in model.tasks) else [])
+
+
+def _check_output(out_dir: str, names: Sequence[str]) -> None:
+    """A URI output folder must be reachable and hold none of ``names``: nothing in a store is replaced.
+    (A local output folder's files are rewritten, as by every earlier version.)"""
+    if not storage.is_uri(out_dir):
+        return
+    storage.check_reachable(out_dir, "out")
+    present = storage.file_sizes(out_dir)
+    taken = [name for name in names if name in present]
+    if taken:
+        raise FileExistsError(f"{storage.join(out_dir, taken[0])} already exists; nothing was overwritten "
+                              "(choose another output folder)")
+
+
+def _check_data(data: Path | str) -> None:
+    if storage.is_uri(data):
+        raise ValueError(f"{data}: the data to draw tiles from must be a local MMEarth folder (h5 files), "
+                         "not a URI; download it first")
+
+
+def _reconstructions(model: MPMAE, config: PretrainConfig, data: Path | str, out_dir: Path, tiles: int,
                      split: str, seed: int) -> list[Path]:
-    if tiles < 1:
-        raise ValueError(f"tiles must be at least 1, got {tiles}")
-    model, config = load_model(checkpoint[1], checkpoint[0])
     dataset = _open_split(data, split, model)
     raw = to_batch(dataset.read_batch(np.arange(min(tiles, len(dataset)))))
     tile_ids = raw.pop("id")
@@ -281,8 +309,15 @@ def _reconstructions(checkpoint: tuple[Path, Mapping[str, Any]], data: Path | st
     return written
 
 
+def _shown(written: Sequence[Path], local: Path, out_dir: str) -> list[Path | str]:
+    """The written files as the caller named their folder: the paths when local, else the URIs."""
+    if not storage.is_uri(out_dir):
+        return list(written)
+    return [storage.join(out_dir, path.relative_to(local).as_posix()) for path in written]
+
+
 def write_reconstructions(checkpoint: Path | str, data: Path | str, out_dir: Path | str, tiles: int = 4,
-                          split: str = "val", seed: int = 0) -> list[Path]:
+                          split: str = "val", seed: int = 0) -> list[Path | str]:
     """Reconstruction PNGs (``recon_<task>.png``) of every pixel-level task and ``image_tasks.json``.
 
     Reads the first ``tiles`` tiles of ``split`` (the train split if ``split`` is empty), crops them
@@ -290,8 +325,20 @@ def write_reconstructions(checkpoint: Path | str, data: Path | str, out_dir: Pat
     show the same picture. Sentinel-2 is shown in RGB (B4, B3, B2), other regression targets as their
     first band on the target's 2nd-98th percentile, class maps in a fixed palette (no label black).
     With norm-pix loss the Sentinel-2 predictions are de-normalised with each target patch's mean and std.
+    ``checkpoint`` and ``out_dir`` may be URIs (see the module's notes); the files are returned as written
+    (URIs for a URI ``out_dir``).
     """
-    return _reconstructions(find_checkpoint(checkpoint), data, Path(out_dir), tiles, split, seed)
+    if tiles < 1:
+        raise ValueError(f"tiles must be at least 1, got {tiles}")
+    _check_data(data)
+    target = str(out_dir)
+    with fetched(checkpoint, "checkpoint") as local:
+        file, payload = find_checkpoint(local)
+        model, config = load_model(payload, file)
+        _check_output(target, _output_names(model))
+        with storage.output_folder(target) as folder:
+            written = _reconstructions(model, config, data, folder, tiles, split, seed)
+    return _shown(written, folder, target)
 
 
 def plot_loss_curves(history: Sequence[Mapping[str, float]], out: Path | str) -> Path:
@@ -325,9 +372,21 @@ def plot_loss_curves(history: Sequence[Mapping[str, float]], out: Path | str) ->
     return _save(figure, out)
 
 
-def visualize(checkpoint: Path | str, data: Path | str, out_dir: Path | str, tiles: int = 4) -> list[Path]:
-    """Everything `mpmae visualize` writes: the loss curves of the run, then the reconstructions."""
-    found = find_checkpoint(checkpoint)
-    out_dir = Path(out_dir)
-    curves = plot_loss_curves(found[1].get("history", []), out_dir / LOSS_CURVES_FILE)
-    return [curves, *_reconstructions(found, data, out_dir, tiles, "val", 0)]
+def visualize(checkpoint: Path | str, data: Path | str, out_dir: Path | str, tiles: int = 4) -> list[Path | str]:
+    """Everything `mpmae visualize` writes: the loss curves of the run, then the reconstructions.
+
+    ``checkpoint`` and ``out_dir`` may be URIs: nothing already in a store's output folder is replaced
+    (refused, naming the file, before anything is drawn); ``data`` is a local MMEarth folder.
+    """
+    if tiles < 1:
+        raise ValueError(f"tiles must be at least 1, got {tiles}")
+    _check_data(data)
+    target = str(out_dir)
+    with fetched(checkpoint, "checkpoint") as local:
+        file, payload = find_checkpoint(local)
+        model, config = load_model(payload, file)
+        _check_output(target, [LOSS_CURVES_FILE, *_output_names(model)])
+        with storage.output_folder(target) as folder:
+            curves = plot_loss_curves(payload.get("history", []), folder / LOSS_CURVES_FILE)
+            written = [curves, *_reconstructions(model, config, data, folder, tiles, "val", 0)]
+    return _shown(written, folder, target)

@@ -129,6 +129,6 @@ def test_a_planted_sweep_file_cannot_move_the_sweep_it_resumes(tmp_path: Path) -
         f"storage_path={tmp_path / 'runs'}", "pretrain.optim.batch_size=8"])
     sweep = prepare_sweep(config)
     planted = {"sweep": {**to_dict(config), "name": "../../elsewhere"}, "base": sweep.base}
-    sweep.folder.mkdir(parents=True)
-    (sweep.folder / SWEEP_FILE).write_text(yaml.safe_dump(yaml_ready(planted)))
-    assert load_sweep(sweep.folder).folder == sweep.folder == tmp_path / "runs" / "tune-demo"
+    Path(sweep.folder).mkdir(parents=True)
+    (Path(sweep.folder) / SWEEP_FILE).write_text(yaml.safe_dump(yaml_ready(planted)))
+    assert load_sweep(sweep.folder).folder == sweep.folder == str(tmp_path / "runs" / "tune-demo")

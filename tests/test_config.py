@@ -103,11 +103,13 @@ def test_cloud_storage_uris_pass_through_to_ray_and_local_paths_become_absolute(
     assert RunConfig(storage_path="runs").storage == str(Path("runs").resolve())
 
 
-def test_sweeps_refuse_cloud_storage_with_a_clear_error() -> None:
+def test_sweeps_take_cloud_storage_and_refuse_a_malformed_uri() -> None:
     from mpmae.config import SweepConfig
 
-    with pytest.raises(ConfigError, match="storage_path: s3://b/x is a URI"):
-        load_config(SweepConfig, None, ["storage_path=s3://b/x", "search.model.mask_ratio={uniform: [0.5, 0.8]}"])
+    search = "search.model.mask_ratio={uniform: [0.5, 0.8]}"
+    assert load_config(SweepConfig, None, ["storage_path=s3://b/x", search]).storage_path == "s3://b/x"
+    with pytest.raises(ConfigError, match="storage_path: s3:///x is not a URI of the form scheme://bucket/path"):
+        load_config(SweepConfig, None, ["storage_path=s3:///x", search])
 
 
 # -- names used as folders, numeric ranges, storage, and YAML that is not plain -----------------------------

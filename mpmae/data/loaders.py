@@ -6,10 +6,10 @@ Every loader yields ``{modality: torch.Tensor (N, ...), "id": list[str]}``: the 
 
 - :func:`ray_dataset`: a Ray Data pipeline over an MMEarth folder (:class:`MMEarthDatasource`: read tasks
   over contiguous runs of split positions, each read block by block through the batched h5 API) or over
-  Parquet shards (Ray's own Parquet reader). Iterate it with :func:`iter_ray_batches`, or pass
-  :class:`RayBatchCollate` to ``iter_torch_batches`` (Ray cannot turn the string ``id`` column into a
-  tensor by itself).
-- :func:`ffcv_loader`: FFCV over ``.beton`` shards, one FFCV ``Loader`` per shard.
+  Parquet shards, local or streamed from an object store (Ray's own Parquet reader). Iterate it with
+  :func:`iter_ray_batches`, or pass :class:`RayBatchCollate` to ``iter_torch_batches`` (Ray cannot turn the
+  string ``id`` column into a tensor by itself).
+- :func:`ffcv_loader`: FFCV over local ``.beton`` shards, one FFCV ``Loader`` per shard.
 - :func:`aligned_random_crop`: one offset per sample, shared by all its pixel-level modalities
   (docs/method.md, Encoder and masking).
 """
@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
 import torch
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
 
+import mpmae.storage as storage
 from mpmae.data.mmearth import MMEarthDataset
 from mpmae.data.shards import (
     BLOCK_ROWS,
@@ -39,6 +40,7 @@ from mpmae.data.shards import (
     batch_to_table,
     ffcv_field_modality,
     find_shards,
+    open_shard_set,
     read_shard_metadata,
 )
 from mpmae.modalities import MODALITIES, ModalitySpec, Selection, resolve_selection
@@ -162,22 +164,43 @@ class MMEarthDatasource(Datasource):
 
 
 def _is_mmearth_folder(source: Any) -> TypeGuard[Path | str]:
-    return isinstance(source, (str, Path)) and any(Path(source).glob("data_*.h5"))
+    return (isinstance(source, (str, Path)) and not storage.is_uri(source)
+            and any(Path(source).glob("data_*.h5")))
 
 
-def _parquet_columns(paths: Sequence[Path], modalities: ModalitySpec | None) -> list[str]:
+def _parquet_columns(where: str, stored: Selection, modalities: ModalitySpec | None) -> list[str]:
     """The columns to read: all stored modalities, or the requested ones if stored with those bands."""
-    stored: Selection = {m: tuple(b) for m, b in read_shard_metadata(paths[0])["selection"].items()}
     if modalities is None:
         return list(stored)
     wanted = resolve_selection(modalities)
     for name, bands in wanted.items():
         if stored.get(name) != bands:
             raise ShardError(
-                f"{paths[0].parent}: modality {name!r} with bands {list(bands)} is not in the shards "
+                f"{where}: modality {name!r} with bands {list(bands)} is not in the shards "
                 f"(they hold {stored}); write shards with this selection"
             )
     return list(wanted)
+
+
+def _parquet_source(source: Path | str | Sequence[Path | str],
+                    split: str) -> tuple[list[str], Any, str, Selection, int | None]:
+    """The files to read (paths inside the filesystem when it is a store's), that filesystem (None: local),
+    where they are (for messages), the stored selection and image size: from a folder's manifest, or
+    from the first file's metadata for a list of shards."""
+    if isinstance(source, (str, os.PathLike)):
+        shards = open_shard_set(source, split, "parquet")
+        paths, where, stored, size = shards.paths, shards.folder, shards.selection, shards.image_size
+    else:
+        paths = find_shards(source, split, "parquet")
+        meta = read_shard_metadata(paths[0])
+        where = storage.parent_of(str(paths[0]))
+        stored = {m: tuple(b) for m, b in meta["selection"].items()}
+        size = None if meta.get("image_size") is None else int(meta["image_size"])
+    if not isinstance(paths[0], str):
+        return [str(p) for p in paths], None, where, stored, size
+    # The store's filesystem (endpoint and credentials of this environment) travels with Ray's read tasks.
+    filesystem = storage.resolve(paths[0])[0]
+    return [storage.resolve(p)[1] for p in paths], filesystem, where, stored, size
 
 
 def ray_dataset(
@@ -193,8 +216,9 @@ def ray_dataset(
 ) -> ray.data.Dataset:
     """A Ray Dataset of preprocessed tiles from an MMEarth folder or from Parquet shards.
 
-    ``source`` is an MMEarth folder (read through :class:`MMEarthDatasource`), a folder of Parquet shards
-    (those of ``split``, checked complete) or a list of shard paths. ``modalities`` defaults to
+    ``source`` is an MMEarth folder (read through :class:`MMEarthDatasource`), a folder or object-store URI
+    of Parquet shards (those of ``split`` that its manifest lists, checked) or a list of shard paths or
+    URIs. Shards in a store are streamed from it by the read tasks. ``modalities`` defaults to
     ``all_mod`` for a folder and to every stored column for shards. ``shuffle`` randomises the order
     of row runs (folder) or files (shards); rows are not shuffled individually. Blocks hold about
     ``block_rows`` rows.
@@ -205,14 +229,14 @@ def ray_dataset(
         data = ray.data.read_datasource(datasource, override_num_blocks=override_num_blocks)
         row_bytes = datasource.row_bytes
     else:
-        paths = find_shards(source, split, "parquet")
-        columns = _parquet_columns(paths, modalities) + (["id"] if include_id else [])
+        files, filesystem, where, stored, image_size = _parquet_source(source, split)
+        columns = _parquet_columns(where, stored, modalities) + (["id"] if include_id else [])
         file_shuffle: ray.data.FileShuffleConfig | Literal["files"] | None = (
             ray.data.FileShuffleConfig(seed=seed) if shuffle and seed is not None else ("files" if shuffle else None))
-        data = ray.data.read_parquet([str(p) for p in paths], shuffle=file_shuffle,
+        data = ray.data.read_parquet(files, filesystem=filesystem, shuffle=file_shuffle,
                                      override_num_blocks=override_num_blocks)
         data = data.select_columns(columns)  # pushed down into the Parquet read
-        row_bytes = _row_bytes(pq.read_schema(paths[0]))
+        row_bytes = _row_bytes(arrow_schema(stored, image_size, {}))
     # Ray's default 128 MiB blocks are ~250 tiles of 64 px: a few of them fill a small object store and
     # spill. Blocks of ``block_rows`` keep the pipeline streaming (this dataset's context only).
     data.context.target_max_block_size = max(1, block_rows * row_bytes)
@@ -246,7 +270,7 @@ class FFCVBatches:
     """Canonical batches from FFCV ``.beton`` shards, shard after shard (in a new random order every
     epoch with ``shuffle``; items shuffled within a shard too). A batch never spans two shards."""
 
-    def __init__(self, paths: Sequence[Path], batch_size: int, *, num_workers: int, shuffle: bool,
+    def __init__(self, paths: Sequence[Path | str], batch_size: int, *, num_workers: int, shuffle: bool,
                  seed: int, drop_last: bool, os_cache: bool, modalities: Sequence[str] | None) -> None:
         from ffcv.fields.decoders import NDArrayDecoder
         from ffcv.loader import Loader, OrderOption
@@ -300,11 +324,16 @@ def ffcv_loader(
     os_cache: bool = False,
     modalities: Sequence[str] | None = None,
 ) -> FFCVBatches:
-    """An FFCV loader over ``.beton`` shards (a folder: those of ``split``, checked complete; or a list).
+    """An FFCV loader over local ``.beton`` shards (a folder: those of ``split`` its manifest lists; or a list).
 
     ``os_cache=False`` makes FFCV read through its own bounded page cache instead of mapping whole
     files, so resident memory does not grow with the dataset. ``modalities`` picks a subset of fields.
+    FFCV reads local files only: shards in an object store are refused (copy them to node-local disk).
     """
+    given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    remote = [p for p in given if storage.is_uri(p)]
+    if remote:
+        raise ShardError(f"{remote[0]}: FFCV reads local shards only; copy them to node-local disk first")
     return FFCVBatches(find_shards(paths, split, "ffcv"), batch_size, num_workers=num_workers,
                        shuffle=shuffle, seed=seed, drop_last=drop_last, os_cache=os_cache,
                        modalities=modalities)

@@ -3,12 +3,14 @@
 A run trains on the task's train split (each rank a `DistributedSampler` share), evaluates the val
 split after every epoch (each rank a disjoint share, counts summed over ranks), reports every epoch with
 a checkpoint from rank 0, and finally scores the test split with the weights the config's ``select``
-rule picks. The results JSON and the printed table come from the driver.
+rule picks. The results JSON and the printed table come from the driver. The encoder and the run storage
+may be URIs (``s3://...``): Ray Train writes the checkpoints there, the driver ``results.json``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,14 @@ import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+import mpmae.storage as storage
 from mpmae.checkpoint import atomic_save, check_keys, load_file, mark_complete
-from mpmae.config import ConfigError, FinetuneConfig, from_dict, is_uri, to_dict
+from mpmae.config import FinetuneConfig, check_store, from_dict, to_dict
 from mpmae.data.geobench import GeoBenchDataset
 from mpmae.export import encoder_from
 from mpmae.finetune.finetune import Finetuner, evaluate
 from mpmae.models import Classifier, UNet
 from mpmae.runtime.run import channels_last, quiet_report_logs, report_with_checkpoint
-from mpmae.tables import write_results
 from mpmae.tasks import get_task
 
 STATE_FILE = "finetune.pt"
@@ -120,21 +122,22 @@ def load_state(folder: Path) -> dict[str, Any]:
 
 
 def default_run_name(config: FinetuneConfig) -> str:
-    source = "random" if config.encoder is None else Path(config.encoder).name
+    source = "random" if config.encoder is None else storage.name_of(config.encoder)
     return f"{'lp' if config.mode == 'linear_probe' else 'ft'}-{config.task}-{source}"
 
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Run an evaluation on Ray Train and write ``results.json`` into the run folder (never overwritten)."""
+    """Run an evaluation on Ray Train and write ``results.json`` into the run folder, a path or a URI
+    (never overwritten)."""
     from mpmae.runtime.instance import check_resources, ensure_ray
     from mpmae.runtime.run import fit, train_run_config
 
     name = config.run.name or default_run_name(config)
-    if is_uri(config.run.storage_path):
-        raise ConfigError(f"run.storage_path: {config.run.storage_path} is a URI; an evaluation writes "
-                          f"{RESULTS_FILE} to a filesystem path (on a cluster: a shared mount)")
-    results_path = Path(config.run.storage_path).resolve() / name / RESULTS_FILE
-    if results_path.exists():
+    check_store(config.run.storage_path, "run.storage_path")  # a missing bucket: one line, before Ray
+    if config.encoder is not None:  # the workers download it
+        check_store(config.encoder, "encoder")
+    results_path = storage.join(config.run.storage, name, RESULTS_FILE)
+    if storage.exists(results_path):
         raise FileExistsError(f"{results_path} already exists; choose another run.name")
     GeoBenchDataset(config.geobench_dir, config.task, "train", partition=config.partition)  # fail early
     ensure_ray()
@@ -149,7 +152,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     metrics = fit(trainer).metrics or {}
     results = {"task": config.task, "mode": config.mode, "encoder": config.encoder or "random",
                "partition": config.partition, "select": config.select, **metrics}
-    write_results(results_path, results)
+    # never overwritten: a run that wrote its results meanwhile is refused, naming the file
+    storage.write_bytes(results_path, json.dumps(results, indent=2, default=float).encode())
     return results
 
 

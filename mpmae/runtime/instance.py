@@ -86,19 +86,26 @@ def resource_shortfall(run: RunConfig, extra_cpus: Mapping[str, float], total: M
 
     ``extra_cpus`` names the CPUs asked beside the workers' (the Ray Data pipeline, a Tune trial's driver).
     """
-    cpus = run.num_workers * run.cpus_per_worker + sum(extra_cpus.values())
+    workers = run.min_workers or run.num_workers  # an elastic run starts with its fewest
+    what = f"{workers} workers" if run.min_workers is None else f"at least {workers} workers"
+    count = f"run.num_workers: {what}" if run.min_workers is None else f"run.min_workers: {what}"
+    cpus = workers * run.cpus_per_worker + sum(extra_cpus.values())
     have = total.get("CPU", 0.0)
     if cpus > have + 1e-9:
         extras = "".join(f", plus {n:g} for {what}" for what, n in extra_cpus.items() if n)
-        return (f"run.num_workers: {run.num_workers} workers x {run.cpus_per_worker:g} CPU (run.cpus_per_worker)"
+        return (f"{count} x {run.cpus_per_worker:g} CPU (run.cpus_per_worker)"
                 f"{extras}, need {cpus:g} CPUs; the cluster has {have:g} ({cpus - have:g} missing)")
     if run.cpus_per_worker > largest_node.get("CPU", 0.0) + 1e-9:
         return (f"run.cpus_per_worker: a worker needs {run.cpus_per_worker:g} CPUs on one node; the largest node "
                 f"has {largest_node.get('CPU', 0.0):g}")
     gpus = total.get("GPU", 0.0)
-    if run.use_gpu and run.num_workers > gpus + 1e-9:
-        return (f"run.use_gpu: {run.num_workers} workers x 1 GPU need {run.num_workers} GPUs; the cluster has "
-                f"{gpus:g} ({run.num_workers - gpus:g} missing)")
+    if run.use_gpu and workers > gpus + 1e-9:
+        return (f"run.use_gpu: {what} x 1 GPU need {workers} GPUs; the cluster has {gpus:g} "
+                f"({workers - gpus:g} missing)")
+    for resource, amount in run.worker_resources.items():
+        if workers * amount > total.get(resource, 0.0) + 1e-9:
+            return (f"run.worker_resources.{resource}: {count} x {amount:g} need {workers * amount:g}; the "
+                    f"cluster has {total.get(resource, 0.0):g}")
     return None
 
 
@@ -145,7 +152,7 @@ def _wait_for_nodes(run: RunConfig, extra_cpus: Mapping[str, float]) -> str | No
     """Ask the autoscaler for the run's bundles and wait for them; the shortfall left at the deadline."""
     from ray.autoscaler.sdk import request_resources
 
-    worker = {"CPU": run.cpus_per_worker, **({"GPU": 1.0} if run.use_gpu else {})}
+    worker = {"CPU": run.cpus_per_worker, **({"GPU": 1.0} if run.use_gpu else {}), **run.worker_resources}
     bundles = [dict(worker) for _ in range(run.num_workers)]
     if sum(extra_cpus.values()):
         bundles.append({"CPU": sum(extra_cpus.values())})

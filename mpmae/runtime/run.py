@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from mpmae.checkpoint import reporting_full_disk
 from mpmae.config import RunConfig
+from mpmae.storage import StoreUnavailableError
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 
@@ -59,29 +60,56 @@ class FailFast(ray.train.UserCallback):
 
 
 def train_run_config(run: RunConfig, name: str, callbacks: Sequence[Any] = ()) -> ray.train.RunConfig:
-    """Ray Train's RunConfig of a run: storage, checkpoints kept, retries (none for lasting errors), and
-    Ray Train's own logs at WARNING (at INFO every rank logs each report's whole metrics dict)."""
+    """Ray Train's RunConfig of a run: storage, checkpoints kept, retries (none for lasting errors; lost
+    nodes and preemptions resume from the latest checkpoint, preemptions counted on their own), and Ray
+    Train's own logs at WARNING (at INFO every rank logs each report's whole metrics dict)."""
     # The ignores: mypy sees ray.train's V1 RunConfig, since ray/train/__init__.py rebinds the V2 one (what
     # runs here) under ``if is_v2_enabled():``.
     return ray.train.RunConfig(
         name=name,
         storage_path=run.storage,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
-        failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+        failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]
+            max_failures=run.max_failures, max_preemption_failures=run.max_preemptions),
         callbacks=[FailFast(), *callbacks],  # type: ignore[list-item]
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:
-    """``trainer.fit()``; a run ended by a lasting error raises that error itself (one line in the CLI)."""
+    """``trainer.fit()``; a run ended by a lasting error raises that error itself, and one ended by a store
+    that stopped answering raises :class:`~mpmae.storage.StoreUnavailableError` naming the run's storage
+    (one line each in the CLI)."""
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as err:
         error = lasting_error(err)
-        if error is None:
+        if error is not None:
+            raise _own_message(error) from None
+        lost = _store_error(err)
+        if lost is None:
             raise
-        raise _own_message(error) from None
+        where = trainer.run_config.storage_path
+        raise StoreUnavailableError(f"{where}: the store did not answer while Ray Train wrote the run "
+                                    f"({str(lost).strip().splitlines()[0]}); the checkpoints already whole "
+                                    "stay loadable: run again to resume") from None
+
+
+def _store_error(error: BaseException) -> OSError | None:
+    """The object store's error (pyarrow's OSError, "AWS Error ...") inside a failed run's error, else None."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and ("AWS Error" in str(current) or "google::cloud" in str(current)):
+            return current
+        failures = getattr(current, "worker_failures", None) or {}
+        pending += [getattr(current, "cause", None), getattr(current, "controller_failure", None),
+                    current.__cause__, current.__context__, *failures.values()]
+    return None
 
 
 def _own_message(error: ValueError) -> ValueError:
@@ -135,12 +163,26 @@ def _storage_place(name: str) -> str:
     return ray.train.get_context().get_storage().build_checkpoint_path_from_name(name)
 
 
-def report_with_checkpoint(metrics: dict[str, Any], rank: int, write: Callable[[Path], Any], name: str) -> None:
+def report_with_checkpoint(metrics: dict[str, Any], rank: int, write: Callable[[Path], Any], name: str,
+                           upload_async: bool = False) -> None:
     """Every rank reports (Ray's barrier); rank 0 writes the checkpoint folder and attaches it.
 
-    A full disk while Ray copies the folder into storage is one line naming the place. The partial copy
-    stays (Ray's), but readers take only a folder whose files match its ``complete.json``.
+    With ``upload_async``, Ray copies the folder into storage in the background (and removes it after):
+    the step loop waits only for the local write. Ray copies ``complete.json`` with the rest, and readers
+    take only a folder whose files match it, so an upload cut short is never taken for a checkpoint.
+    A full disk while Ray copies the folder (synchronously) is one line naming the place.
     """
+    from ray.train import CheckpointUploadMode
+
+    if upload_async:
+        checkpoint = None
+        if rank == 0:
+            tmp = tempfile.mkdtemp(prefix="mpmae-checkpoint-")  # Ray deletes it once uploaded
+            write(Path(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:

@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+import mpmae.storage as storage
 from mpmae.checkpoint import plan_resume
-from mpmae.config import ConfigError, PretrainConfig, check_name, to_dict
+from mpmae.config import ConfigError, PretrainConfig, RunConfig, check_name, check_store, to_dict
 from mpmae.data.loaders import ray_dataset
 from mpmae.data.mmearth import MMEarthDataset
-from mpmae.data.shards import find_shards, read_shard_metadata
+from mpmae.data.shards import open_shard_set
 from mpmae.evaluation.probe_task import load_probe_task
 from mpmae.modalities import PRESETS, resolve_selection
 from mpmae.runtime.instance import DATA_PIPELINE_CPUS, check_resources, ensure_ray
@@ -55,9 +55,30 @@ def default_run_name(config: PretrainConfig, data_name: str) -> str:
 
 
 def describe_data(config: PretrainConfig) -> DataSource:
-    """Open the training data just enough to validate it against the config."""
+    """Open the training data just enough to validate it against the config.
+
+    ``data.path`` may be an object-store URI for Parquet shards only (Ray Data streams them from the store);
+    an MMEarth h5 folder and FFCV shards must be local. A missing bucket, refused credentials or a store
+    that does not answer are one ConfigError naming ``data.path``, before any worker starts.
+    """
     data = config.data
-    path = Path(data.path)
+    where = str(data.path)
+    if storage.is_uri(where):
+        if data.format == "mmearth":
+            raise ConfigError(
+                f"data.path: {where}: the MMEarth h5 folder must be local (its h5 is read in place); shard it "
+                f"into the store with `mpmae shard FOLDER {where}` and set data.format: parquet"
+            )
+        if data.format == "ffcv":
+            raise ConfigError(
+                f"data.path: {where}: FFCV reads local shards only; copy them to node-local disk on every node "
+                f"and point data.path there (or use Parquet shards, which stream from the store)"
+            )
+        try:
+            storage.check_reachable(where, "data.path")
+        except storage.StorageError as err:
+            raise ConfigError(str(err)) from None
+    path = Path(where)
     if data.format == "mmearth":
         try:
             dataset = MMEarthDataset(path, data.split, config.model.targets)
@@ -76,18 +97,17 @@ def describe_data(config: PretrainConfig) -> DataSource:
 def _describe_shards(config: PretrainConfig) -> DataSource:
     data = config.data
     assert data.format != "mmearth"
+    where = str(data.path)
     try:
-        paths = find_shards(data.path, data.split, data.format)
-    except ValueError as err:
+        shards = open_shard_set(where, data.split, data.format)  # checked against its manifest
+    except ValueError as err:  # ShardError, StorageError
         raise ConfigError(f"data.path: {err}") from None
-    if data.format == "parquet":
-        meta = read_shard_metadata(paths[0])
-        rows = sum(pq.read_metadata(p).num_rows for p in paths)
-    else:
-        meta = json.loads((Path(data.path) / f"{data.split}-ffcv.json").read_text())
-        rows = int(meta["rows"])
-    selection = {k: tuple(v) for k, v in meta["selection"].items()}
-    return DataSource(rows, int(meta["image_size"] or 0), selection, meta["band_stats"], Path(data.path).name)
+    except OSError as err:  # a store that does not answer; local OSErrors pass as they are
+        if not storage.is_uri(where):
+            raise
+        raise ConfigError(f"data.path: {err}") from None
+    return DataSource(shards.rows, shards.image_size or 0, dict(shards.selection), shards.manifest["band_stats"],
+                      storage.name_of(where) if storage.is_uri(where) else Path(where).name)
 
 
 def _check_source(config: PretrainConfig, source: DataSource) -> None:
@@ -136,12 +156,21 @@ def build_trainer(config: PretrainConfig, source: DataSource, callbacks: Sequenc
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "rows": source.rows, "norm_stats": norm_stats(source),
                            "run_name": name, "resume": plan_resume(run.storage, name)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
-        ),
+        scaling_config=scaling_config(run),
         run_config=train_run_config(run, name, callbacks),
         datasets=datasets,
         dataset_config=data_config(),
+    )
+
+
+def scaling_config(run: RunConfig) -> ray.train.ScalingConfig:
+    """Fixed ``num_workers``, or elastic from ``min_workers`` to ``num_workers`` (Ray Train V2 resizes the
+    worker group as nodes come and go; the global batch stays the config's)."""
+    workers = run.num_workers if run.min_workers is None else (run.min_workers, run.num_workers)
+    return ray.train.ScalingConfig(
+        num_workers=workers, use_gpu=run.use_gpu,  # type: ignore[arg-type]
+        resources_per_worker={"CPU": run.cpus_per_worker, **run.worker_resources},
+        placement_strategy=run.placement_strategy,
     )
 
 
@@ -169,6 +198,7 @@ def check_probe(config: PretrainConfig) -> None:
 
 def pretrain(config: PretrainConfig) -> ray.train.Result:
     """Validate, start (or join) Ray, and run the pretraining to completion."""
+    check_store(config.run.storage_path, "run.storage_path")
     source = describe_data(config)
     run_name(config, source)
     check_probe(config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ from mpmae.telemetry import RunMetrics
 from mpmae.train.step import LossMeter, StepGuard, forward_backward, unwrap
 
 log = logging.getLogger(__name__)
+
+#: How long past a preemption notice's deadline the workers wait for Ray's restart before training on.
+PREEMPTION_PATIENCE_S = 60.0
 
 
 def _batches(config: PretrainConfig, rank: int, world: int, epoch: int, per_worker: int,
@@ -93,6 +97,52 @@ def _broadcast(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
+@dataclass
+class _Checkpointer:
+    """Writes this run's checkpoints (epoch ends, every ``run.checkpoint_every_steps`` steps, a preemption
+    notice) and keeps the step loop's time spent in them (``checkpoint_stall_s``)."""
+
+    core: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    loop_config: dict[str, Any]
+    rank: int
+    telemetry: RunMetrics
+    upload_async: bool
+    stall_s: float = 0.0
+    count: int = 0
+
+    def save(self, metrics: dict[str, Any], lr: float, reason: str) -> None:
+        state, plan = self.state, self.loop_config.get("resume")
+        metrics = {**metrics, "checkpoint_stall_s": self.stall_s, "checkpoints": self.count}
+
+        def write(folder: Path) -> Path:
+            return save_checkpoint(folder, self.core, self.optimizer, state, self.loop_config["config"],
+                                   self.loop_config["norm_stats"], lr, reason)
+
+        inside = state.batch > 0  # a checkpoint taken inside an epoch
+        name = checkpoint_name(state.epoch, plan["taken"] if plan else (), state.step if inside else None)
+        start = time.perf_counter()
+        report_with_checkpoint(metrics, self.rank, write, name, self.upload_async)
+        self.stall_s += time.perf_counter() - start
+        self.count += 1
+        self.telemetry.checkpoint(time.perf_counter() - start)
+
+
+def _wait_for_reclaim(info: Any, rank: int) -> None:
+    """After the just-in-time checkpoint, step no more: every step from here would be lost with the node.
+
+    Ray Train restarts the run from that checkpoint once the node is gone or the notice's deadline has
+    passed; should neither happen (a drain called off), training goes on a minute after the deadline.
+    """
+    deadline = (info.deadline_ms / 1000 if info.deadline_ms else time.time()) + PREEMPTION_PATIENCE_S
+    if rank == 0:
+        log.warning("preemption notice for nodes %s (ranks %s): checkpointed at the notice, waiting for the restart",
+                    info.preempted_node_ids, info.preempted_ranks)
+    while time.time() < deadline:
+        time.sleep(1.0)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; ``loop_config`` holds the PretrainConfig dict, rows and norm stats."""
     quiet_report_logs()
@@ -114,21 +164,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with source.as_directory() as folder:
             file, payload = find_checkpoint(folder)
             state = restore(payload, core, optimizer, f"{source.path}/{file.name}")
-        log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
+        state.resumes.append({"step": state.step, "epoch": state.epoch, "batch": state.batch, "workers": world})
+        log.info("rank %d resumed at epoch %d, batch %d, step %d", rank, state.epoch, state.batch, state.step)
 
     probe = load_probe_task(config) if config.probe.task is not None and rank == 0 else None
+    # The global batch is the config's whatever the worker count (elastic runs resize): each worker takes
+    # its share, so steps per epoch, the lr schedule and a checkpoint's batch position mean the same.
     per_worker = config.optim.batch_size // world
+    if rank == 0:
+        log.info("%d workers x %d samples x %d accumulation = %d samples per step", world, per_worker,
+                 config.optim.accum_steps, per_worker * world * config.optim.accum_steps)
     guard = StepGuard(config.run.max_nonfinite_steps)
     guard.skipped = state.skipped_steps
     telemetry = RunMetrics(loop_config["run_name"], rank, skipped_steps=state.skipped_steps)
+    checkpoints = _Checkpointer(core, optimizer, state, loop_config, rank, telemetry, config.run.async_upload)
     generator = torch.Generator().manual_seed(config.run.seed + rank)
-    accum = config.optim.accum_steps
+    accum, every = config.optim.accum_steps, config.run.checkpoint_every_steps
     for epoch in range(state.epoch, config.optim.epochs):
         model.train()
         meter, data_wait, samples, lr = LossMeter(), 0.0, 0, 0.0
         start = time.perf_counter()
         batches, iters_per_epoch = _batches(config, rank, world, epoch, per_worker, loop_config["rows"], device)
-        for it in range(iters_per_epoch):
+        for _ in range(min(state.batch, iters_per_epoch)):  # what the checkpoint had done of this epoch
+            next(batches)
+        for it in range(state.batch, iters_per_epoch):
             tick = time.perf_counter()
             raw = next(batches)
             batch = _prepare(raw, config.data.crop_size, generator, device)
@@ -140,17 +199,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             output = forward_backward(model, batch, accum, device, config.run.bf16)
             meter.add(output)
             samples += per_worker
-            if (it + 1) % accum == 0:
-                guard.step(model, optimizer, config.optim.clip_grad, output)
-                state.step += 1
-                if rank == 0 and state.step % config.run.log_every_steps == 0:
-                    log.info("epoch %d step %d lr %.3g", epoch, state.step, lr)
+            state.batch = it + 1
             telemetry.step(time.perf_counter() - tick, waited)
+            if (it + 1) % accum:
+                continue
+            guard.step(model, optimizer, config.optim.clip_grad, output)
+            state.step += 1
+            if rank == 0 and state.step % config.run.log_every_steps == 0:
+                log.info("epoch %d step %d lr %.3g", epoch, state.step, lr)
+            if state.batch == iters_per_epoch:
+                continue  # the epoch's own checkpoint follows
+            position = {"epoch": epoch, "epochs_done": state.epoch, "step": state.step, "lr": lr}
+            if state.step % config.run.preemption_check_steps == 0 and \
+                    (notice := ray.train.get_preemption_info()) is not None:
+                checkpoints.save(position, lr, "preemption")
+                _wait_for_reclaim(notice, rank)
+            elif every is not None and state.step % every == 0:
+                checkpoints.save(position, lr, "steps")
         if config.data.format != "ffcv":
             for _ in batches:  # finish the streaming split's epoch (drop_last leaves at most a partial batch)
                 pass
         elapsed = time.perf_counter() - start
-        state.epoch, state.skipped_steps = epoch + 1, guard.skipped
+        state.epoch, state.batch, state.skipped_steps = epoch + 1, 0, guard.skipped
         metrics = _all_reduce_mean({
             **meter.means(),
             **{f"log_var/{t}": float(v) for t, v in core.log_vars.items()},
@@ -158,7 +228,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "samples_per_s": samples / elapsed * world,
             "data_wait_s": data_wait,
         }, device)
-        metrics.update(epoch=epoch, epochs_done=state.epoch, step=state.step, lr=lr, skipped_steps=guard.skipped)
+        metrics.update(epoch=epoch, epochs_done=state.epoch, step=state.step, lr=lr, skipped_steps=guard.skipped,
+                       workers=world)
         telemetry.epoch(metrics)
         if config.probe.task is not None and not config.probe.due(state.epoch, config.optim.epochs):
             state.history.append(metrics)
@@ -171,13 +242,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("epoch %d/%d step %d loss %.4f %.1f samples/s%s", epoch + 1, config.optim.epochs, state.step,
                      metrics.get("loss", float("nan")), metrics["samples_per_s"],
                      f" probe {metrics['probe_score']:.4f}" if "probe_score" in metrics else "")
-
-        def write(folder: Path, lr: float = lr) -> Path:
-            return save_checkpoint(folder, core, optimizer, state, loop_config["config"], loop_config["norm_stats"], lr)
-
-        saving = time.perf_counter()
-        report_with_checkpoint(metrics, rank, write, checkpoint_name(state.epoch, plan["taken"] if plan else ()))
-        telemetry.checkpoint(time.perf_counter() - saving)
+        checkpoints.save(metrics, lr, "epoch")
 
 
 def resume_source(reported: ray.train.Checkpoint | None,

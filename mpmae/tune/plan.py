@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import mpmae.storage as storage
 from mpmae.config import SweepConfig
 from mpmae.tune.space import SearchSpace
 
@@ -31,8 +31,9 @@ class Sweep:
     space: SearchSpace
 
     @property
-    def folder(self) -> Path:
-        return Path(self.config.storage_path).resolve() / self.config.name
+    def folder(self) -> str:
+        """``<storage_path>/<name>``: an absolute path, or a URI (``s3://bucket/sweeps/name``)."""
+        return storage.join(storage.absolute(self.config.storage_path), self.config.name)
 
     @property
     def epochs(self) -> int:

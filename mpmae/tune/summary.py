@@ -1,14 +1,17 @@
 """What a finished sweep leaves behind: a table of trials, the best config, a plot, the best encoder.
 
 The table (``trials.csv``, ``trials.json``), ``best_config.yaml`` and ``probe_score.png`` summarise the
-whole sweep and are rewritten, atomically, each time it completes (a resumed sweep adds trials). The best
-trial's encoder goes to ``best-encoder-<trial_id>/``, a new folder per best trial, never overwritten.
+whole sweep and are rewritten, atomically, each time it completes (a resumed sweep adds trials): they are
+made from Tune's record, which keeps every trial. The best trial's encoder goes to
+``best-encoder-<trial_id>/``, a new folder per best trial, never overwritten. The sweep folder may be a URI:
+each file is written whole (a local file renamed into place, an object uploaded in one piece).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +19,8 @@ from typing import Any
 
 import yaml
 
-from mpmae.atomic import atomic_write, atomic_write_json, atomic_write_text
-from mpmae.checkpoint import resolve_checkpoint
-from mpmae.export import export_encoder
+import mpmae.storage as storage
+from mpmae.export import CARD_FILE, export_encoder
 from mpmae.tables import format_table
 from mpmae.tune.plan import METRIC, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 from mpmae.tune.space import TASK_WEIGHTS, apply_params
@@ -84,16 +86,21 @@ def summarize(sweep: Sweep, results: Any) -> dict[str, Any]:
     columns = [*FIXED_COLUMNS, *param_columns(rows)]
     folder = sweep.folder
     print(format_rows(rows, columns))
-    atomic_write_json(folder / "trials.json", rows, default=str)
-    atomic_write_text(folder / "trials.csv", _csv(rows, columns))
-    plot_scores(rows, sweep, folder / "probe_score.png")
+    _rewrite(storage.join(folder, "trials.json"), json.dumps(rows, indent=2, default=str))
+    _rewrite(storage.join(folder, "trials.csv"), _csv(rows, columns))
+    plot_scores(rows, sweep, storage.join(folder, "probe_score.png"))
     best = best_row(rows)
-    summary: dict[str, Any] = {"folder": str(folder), "trials": rows, "best": best}
+    summary: dict[str, Any] = {"folder": folder, "trials": rows, "best": best}
     if best is not None:
-        summary["best_config"] = str(write_best_config(sweep, best, folder / "best_config.yaml"))
+        summary["best_config"] = str(write_best_config(sweep, best, storage.join(folder, "best_config.yaml")))
         summary["best_encoder"] = str(export_best_encoder(sweep, best))
         print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.4f} after {best['epochs_run']} epochs")
     return summary
+
+
+def _rewrite(path: str | Path, content: str | bytes) -> None:
+    """A summary file written whole, replacing the one an earlier completion of the sweep wrote."""
+    storage.write_bytes(path, content.encode() if isinstance(content, str) else content, overwrite=True)
 
 
 def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -104,7 +111,7 @@ def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def write_best_config(sweep: Sweep, best: dict[str, Any], path: Path) -> Path:
+def write_best_config(sweep: Sweep, best: dict[str, Any], path: Path | str) -> Path | str:
     """The best trial's pretraining config, ready for ``mpmae pretrain --config``: the full budget, the
     base config's storage, and a run name of its own."""
     params = {k: v for k, v in best.items() if k not in FIXED_COLUMNS}
@@ -112,19 +119,20 @@ def write_best_config(sweep: Sweep, best: dict[str, Any], path: Path) -> Path:
     config["run"]["name"] = f"{sweep.config.name}-best"
     header = (f"# Best trial {best['trial_id']} of sweep {sweep.config.name}: {METRIC} {best[METRIC]:.4f} "
               f"after {best['epochs_run']} of {sweep.epochs} epochs.\n")
-    atomic_write_text(path, header + yaml.safe_dump(yaml_ready(config), sort_keys=False))
+    _rewrite(path, header + yaml.safe_dump(yaml_ready(config), sort_keys=False))
     return path
 
 
-def export_best_encoder(sweep: Sweep, best: dict[str, Any]) -> Path:
-    """The best trial's latest checkpoint as an encoder export (kept if this trial was exported before)."""
-    out = sweep.folder / f"best-encoder-{best['trial_id']}"
-    if not out.exists():
-        export_encoder(resolve_checkpoint(sweep.folder / TRIALS_DIR / str(best["trial_id"])), out)
+def export_best_encoder(sweep: Sweep, best: dict[str, Any]) -> str:
+    """The best trial's latest checkpoint as an encoder export (kept if this trial was exported before: its
+    model card, written last, is there)."""
+    out = storage.join(sweep.folder, f"best-encoder-{best['trial_id']}")
+    if not storage.exists(storage.join(out, CARD_FILE)):
+        export_encoder(storage.join(sweep.folder, TRIALS_DIR, str(best["trial_id"])), out)
     return out
 
 
-def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path) -> Path | None:
+def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path | str) -> Path | str | None:
     """Probe score against mask ratio, learning rate and each searched weight (log axes where sampled so)."""
     import matplotlib
 
@@ -161,6 +169,8 @@ def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path) -> Pat
     axes[0][0].legend()
     fig.suptitle(f"sweep {sweep.config.name}: last probe score of each trial")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    _rewrite(path, image.getvalue())
     return path

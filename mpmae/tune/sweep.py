@@ -1,17 +1,19 @@
 """Ray Tune sweeps over pretraining runs, judged by a downstream probe score.
 
 Each trial is a driver function that builds a :class:`~ray.train.torch.TorchTrainer` for its config; a
-:class:`TuneReportCallback` forwards the Train reports (every ``probe.every_epochs`` epochs, each with a
+:class:`ProbeReportCallback` forwards the Train reports (every ``probe.every_epochs`` epochs, each with a
 ``probe_score``) to Tune, where Optuna suggests the next configs and ASHA stops poor trials early. A
 sweep's folder ``<storage_path>/<name>`` holds Tune's state, ``sweep.yaml`` (the resolved sweep, so that
 ``--resume`` needs nothing else) and ``trials/<trial_id>``, each trial's Train run with its checkpoints.
 A Train run resumes from its own latest checkpoint, so a restored or retried trial loses at most one
-probe interval.
+probe interval. ``storage_path`` may be a URI (``s3://bucket/sweeps``): Tune, Train and the summary
+write there alike.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,8 +24,17 @@ import ray.tune
 import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mpmae.atomic import atomic_write_text
-from mpmae.config import ConfigError, PretrainConfig, SweepConfig, check_name, from_dict, read_config_file, to_dict
+import mpmae.storage as storage
+from mpmae.config import (
+    ConfigError,
+    PretrainConfig,
+    SweepConfig,
+    check_name,
+    check_store,
+    from_dict,
+    read_config_file,
+    to_dict,
+)
 from mpmae.runtime.instance import ensure_ray
 from mpmae.tune.plan import METRIC, SWEEP_FILE, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 from mpmae.tune.space import apply_params, candidate_configs, parse_search_space
@@ -54,11 +65,11 @@ def _base_config(config: SweepConfig) -> dict[str, Any]:
     base.validate()
     if base.probe.task is None:
         raise ConfigError("pretrain.probe.task: a sweep ranks trials by their probe score; name the probe task")
-    # absolute paths: Tune runs each trial in its own working directory
-    base.data.path = str(Path(base.data.path).resolve())
+    # absolute paths (URIs as they are): Tune runs each trial in its own working directory
+    base.data.path = storage.absolute(base.data.path)
     for key in ("data", "geobench_dir"):
         if getattr(base.probe, key) is not None:
-            setattr(base.probe, key, str(Path(getattr(base.probe, key)).resolve()))
+            setattr(base.probe, key, storage.absolute(getattr(base.probe, key)))
     return to_dict(base)
 
 
@@ -92,27 +103,63 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
     config = from_dict(PretrainConfig, data)
     config.validate()
     assert config.run.name is not None  # the trial id, set above
-    finished = _finished_run_metrics(Path(trials_dir) / config.run.name, config.optim.epochs)
+    finished = _finished_run_metrics(storage.join(trials_dir, config.run.name), config.optim.epochs)
     if finished is not None:  # restored after its last checkpoint: Train would report nothing
         ray.tune.report(finished)
         return
-    fit(build_trainer(config, describe_data(config), callbacks=[TuneReportCallback()]))
+    fit(build_trainer(config, describe_data(config), callbacks=[ProbeReportCallback()]))
 
 
-def _finished_run_metrics(run_folder: Path, epochs: int) -> dict[str, Any] | None:
-    """The last report of a Train run that already checkpointed its final epoch, else None."""
+class ProbeReportCallback(TuneReportCallback):
+    """Tune's report callback for the reports that carry a probe score: a checkpoint inside an epoch (every
+    ``run.checkpoint_every_steps``, or at a preemption notice) reports no score, and Tune's scheduler must
+    not see a result without its metric."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and METRIC in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def _finished_run_metrics(run_folder: Path | str, epochs: int) -> dict[str, Any] | None:
+    """The last report of a Train run (a folder or a URI) that already checkpointed its final epoch, else None."""
     from mpmae.checkpoint import newest_checkpoint
 
-    found = newest_checkpoint(run_folder) if run_folder.is_dir() else None
-    if found is None:  # none, or none complete: Train resumes (or refuses, naming the files) as it would
+    if storage.is_uri(run_folder):
+        payload = _stored_final_payload(str(run_folder), epochs)
+    else:
+        found = newest_checkpoint(run_folder) if Path(run_folder).is_dir() else None
+        payload = None if found is None else found[1]
+    if payload is None:  # none, or none complete: Train resumes (or refuses, naming the files) as it would
         return None
-    history = found[1].get("history") or []
-    return dict(history[-1]) if history and found[1]["epoch"] >= epochs else None
+    history = payload.get("history") or []
+    return dict(history[-1]) if history and payload["epoch"] >= epochs else None
+
+
+def _stored_final_payload(run: str, epochs: int) -> dict[str, Any] | None:
+    """The payload of a run URI's newest complete checkpoint when its marker says it ends the run (only
+    then is ``state.pt`` downloaded), else None; one that does not load is left to Train to refuse."""
+    from mpmae.checkpoint import COMPLETE_FILE, CheckpointError, find_checkpoint, newest_stored_checkpoint
+    from mpmae.export import fetched
+
+    folder = newest_stored_checkpoint(run)
+    if folder is None:
+        return None
+    try:
+        marker = json.loads(storage.read_bytes(storage.join(folder, COMPLETE_FILE), 64 * 1024))
+    except (ValueError, FileNotFoundError):
+        return None
+    if isinstance(marker, dict) and isinstance(marker.get("epoch"), int) and marker["epoch"] < epochs:
+        return None  # unfinished: Train resumes and reports the rest
+    try:
+        with fetched(folder) as local:
+            return find_checkpoint(local)[1]
+    except (CheckpointError, FileNotFoundError):
+        return None
 
 
 def _trainable(sweep: Sweep) -> Any:
     """The driver function with its fixed arguments and its :data:`TRIAL_CPUS`."""
-    fn = ray.tune.with_parameters(run_trial, base=sweep.base, trials_dir=str(sweep.folder / TRIALS_DIR))
+    fn = ray.tune.with_parameters(run_trial, base=sweep.base, trials_dir=storage.join(sweep.folder, TRIALS_DIR))
     return ray.tune.with_resources(fn, {"CPU": TRIAL_CPUS})
 
 
@@ -157,34 +204,38 @@ def build_tuner(sweep: Sweep) -> ray.tune.Tuner:
             num_samples=config.num_samples,  # concurrency: the search algorithm's limiter
         ),
         run_config=ray.tune.RunConfig(
-            name=config.name, storage_path=str(sweep.folder.parent),
+            name=config.name, storage_path=storage.parent_of(sweep.folder),
             failure_config=ray.tune.FailureConfig(max_failures=config.max_failures), verbose=1,
         ),
     )
 
 
 def _write_sweep_file(sweep: Sweep) -> None:
-    sweep.folder.mkdir(parents=True)
+    if not storage.is_uri(sweep.folder):
+        Path(sweep.folder).mkdir(parents=True)  # refuses a folder made meanwhile
     content = {"sweep": to_dict(sweep.config), "base": sweep.base}
-    atomic_write_text(sweep.folder / SWEEP_FILE, yaml.safe_dump(yaml_ready(content), sort_keys=False))
+    text = yaml.safe_dump(yaml_ready(content), sort_keys=False)
+    storage.write_bytes(storage.join(sweep.folder, SWEEP_FILE), text.encode())  # never overwritten
 
 
-def load_sweep(folder: Path) -> Sweep:
-    """The sweep saved in ``folder`` (its ``sweep.yaml``), validated again."""
-    path = folder / SWEEP_FILE
-    if not path.is_file():
+def load_sweep(folder: Path | str) -> Sweep:
+    """The sweep saved in ``folder`` (a path or a URI; its ``sweep.yaml``), validated again."""
+    folder = storage.absolute(folder)
+    path = storage.join(folder, SWEEP_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path} not found: {folder} is not a sweep folder")
-    content = yaml.safe_load(path.read_text())
+    content = yaml.safe_load(storage.read_bytes(path))
     config = from_dict(SweepConfig, content["sweep"])
     # The sweep is the folder it was found in, whatever name a (possibly planted) file gives.
-    config.storage_path, config.name = str(folder.parent), folder.name
+    config.storage_path, config.name = storage.parent_of(folder), storage.name_of(folder)
     return prepare_sweep(config, content["base"])
 
 
 def tune(config: SweepConfig) -> dict[str, Any]:
     """Run a new sweep to completion and write its summary (see :mod:`mpmae.tune.summary`)."""
+    check_store(config.storage_path, "storage_path")  # a missing bucket: one line, before any trial
     sweep = prepare_sweep(config)
-    if sweep.folder.exists():
+    if storage.exists(sweep.folder):
         raise FileExistsError(f"{sweep.folder} already exists; resume it with `mpmae tune --resume "
                               f"{config.name}` or choose another name")
     ensure_ray()
@@ -194,9 +245,11 @@ def tune(config: SweepConfig) -> dict[str, Any]:
 
 
 def resume(name: str, storage_path: str | Path = "runs") -> dict[str, Any]:
-    """Continue an interrupted sweep: finished trials stay, unfinished and errored ones resume."""
-    sweep = load_sweep(Path(storage_path).resolve() / check_name(name, "--resume"))
+    """Continue an interrupted sweep in ``storage_path`` (a path or a URI): finished trials stay,
+    unfinished and errored ones resume."""
+    check_store(str(storage_path), "--storage-path")
+    sweep = load_sweep(storage.join(storage.absolute(storage_path), check_name(name, "--resume")))
     ensure_ray()
     _check_resources(sweep)
-    tuner = ray.tune.Tuner.restore(str(sweep.folder), trainable=_trainable(sweep), resume_errored=True)
+    tuner = ray.tune.Tuner.restore(sweep.folder, trainable=_trainable(sweep), resume_errored=True)
     return summarize(sweep, tuner.fit())

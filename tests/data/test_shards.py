@@ -53,7 +53,13 @@ def test_parquet_round_trip_equals_dataset(source: str, request: pytest.FixtureR
     assert [p.name for p in paths] == [f"train-{i:05d}-of-{count:05d}.parquet" for i in range(count)]
     assert find_shards(tmp_path) == paths
     assert_batches_equal(read_parquet_shards(paths), dataset.read_batch(np.arange(len(dataset))))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no .tmp left
+    # no .tmp left; the manifest lists every shard with its rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in paths] + ["train-parquet.json"])
+    manifest = json.loads((tmp_path / "train-parquet.json").read_text())
+    assert [(s["name"], s["rows"]) for s in manifest["shards"]] == [
+        (p.name, pq.read_metadata(p).num_rows) for p in paths]
+    assert manifest["rows"] == len(dataset) and manifest["format"] == "parquet"
+    assert manifest["fingerprint"] == read_shard_metadata(paths[0])["fingerprint"]
 
 
 def test_parquet_schema_and_metadata(mmearth10: Path, tmp_path: Path) -> None:
@@ -99,7 +105,9 @@ def test_ffcv_shards_layout(mmearth10: Path, tmp_path: Path) -> None:
     assert handlers["canopy_height_et"].dtype == np.float32  # stored under FFCV's 16-byte name
     assert handlers["esa_worldcover"].dtype == np.int64 and handlers["id"].dtype == np.uint8
     sidecar = json.loads((tmp_path / "train-ffcv.json").read_text())
-    assert sidecar["shards"] == [p.name for p in paths] and "band_stats" in sidecar
+    assert [(s["name"], s["rows"]) for s in sidecar["shards"]] == [(p.name, n) for p, n in zip(paths, [6, 2])]
+    assert "band_stats" in sidecar and sidecar["rows"] == 8
+    assert find_shards(tmp_path, format="ffcv") == paths
 
 
 def test_ffcv_field_names_map_back() -> None:
@@ -143,11 +151,15 @@ def test_failed_shard_leaves_no_partial_file(format: str, mmearth10: Path, tmp_p
 
     monkeypatch.setattr(MMEarthDataset, "read_batch", failing)
     with pytest.raises(OSError, match="disk on fire"):
-        write_shards(mmearth10, tmp_path, format, tiles_per_shard=5, progress=False)
+        write_shards(mmearth10, tmp_path, format, tiles_per_shard=5, progress=False, parallel=False)
     ext = "parquet" if format == "parquet" else "beton"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"train-00000-of-00002.{ext}"]
-    with pytest.raises(ShardError, match="incomplete"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"train-00000-of-00002.{ext}"]  # and no manifest
+    with pytest.raises(ShardError, match=rf"^{tmp_path}: the {format} shard set of split 'train' is incomplete: .*"
+                                         r"interrupted `mpmae shard`: rerun it to resume, or pass --overwrite"):
         find_shards(tmp_path, format=format)
+    monkeypatch.undo()
+    paths = write_shards(mmearth10, tmp_path, format, tiles_per_shard=5, progress=False, parallel=False)  # resumes
+    assert find_shards(tmp_path, format=format) == paths
 
 
 def test_parquet_write_interrupted_mid_file(mmearth10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,7 +176,7 @@ def test_parquet_write_interrupted_mid_file(mmearth10: Path, tmp_path: Path, mon
     monkeypatch.setattr("mpmae.data.shards.BLOCK_ROWS", 4)
     monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
     with pytest.raises(KeyboardInterrupt):
-        write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=10, progress=False)
+        write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=10, progress=False, parallel=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -173,9 +185,61 @@ def test_find_shards_errors(tmp_path: Path) -> None:
         find_shards(tmp_path)
     for name in ("train-00000-of-00003.parquet", "train-00001-of-00003.parquet", "train-00000-of-00002.parquet"):
         (tmp_path / name).touch()
-    with pytest.raises(ShardError, match="incomplete or mixed"):
+    with pytest.raises(ShardError, match="incomplete: 3 shard file.*no manifest train-parquet.json"):
         find_shards(tmp_path)
     assert find_shards([tmp_path / "a.parquet"]) == [tmp_path / "a.parquet"]
+    assert find_shards(["s3://b/a.parquet"]) == ["s3://b/a.parquet"]
+    with pytest.raises(ShardError, match="mixes"):
+        find_shards([tmp_path / "a.parquet", "s3://b/a.parquet"])
+
+
+def test_find_shards_refuses_a_manifest_that_does_not_match(mmearth10: Path, tmp_path: Path) -> None:
+    paths = write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=3, progress=False, parallel=False)
+    manifest = tmp_path / "train-parquet.json"
+    content = json.loads(manifest.read_text())
+    wrong = json.loads(json.dumps(content))
+    wrong["shards"][1]["rows"] = 4
+    manifest.write_text(json.dumps(wrong))
+    with pytest.raises(ShardError, match=rf"^{paths[1]}: holds 3 rows, {manifest} says 4"):
+        find_shards(tmp_path)
+    manifest.write_text(json.dumps(content))
+    paths[2].rename(tmp_path / "elsewhere.parquet")
+    with pytest.raises(ShardError, match=rf"^{paths[2]}: listed in {manifest} but missing"):
+        find_shards(tmp_path)
+    manifest.write_text("{not json")
+    with pytest.raises(ShardError, match="not a manifest mpmae shard wrote"):
+        find_shards(tmp_path)
+
+
+def test_rerun_resumes_same_run_and_refuses_another(mmearth10: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted run's shards are kept when this run is the same; a different run's refuse."""
+    calls = {"n": 0}
+    read_batch = MMEarthDataset.read_batch
+
+    def failing(self: MMEarthDataset, indices: np.ndarray) -> dict:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("interrupted")
+        return read_batch(self, indices)
+
+    monkeypatch.setattr(MMEarthDataset, "read_batch", failing)
+    with pytest.raises(OSError, match="interrupted"):
+        write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=3, progress=False, parallel=False)
+    first = tmp_path / "train-00000-of-00003.parquet"
+    before = first.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match=rf"^{first}: written by a different `mpmae shard` run .*--overwrite"):
+        write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=4, progress=False, parallel=False)
+    with pytest.raises(FileExistsError, match="different `mpmae shard` run"):
+        write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=3, modalities=["sentinel2"], progress=False,
+                     parallel=False)
+    calls["n"] = -100
+    paths = write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=3, progress=False, parallel=False)
+    assert calls["n"] == -100 + 2  # shards 1 and 2 only: one read block each
+    assert first.stat().st_mtime_ns == before and find_shards(tmp_path) == paths
+    assert_batches_equal(read_parquet_shards(paths), MMEarthDataset(mmearth10).read_batch(np.arange(8)))
+    other = write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=4, overwrite=True, progress=False)
+    assert sorted(tmp_path.iterdir()) == sorted([*other, tmp_path / "train-parquet.json"])
 
 
 def test_write_shards_argument_errors(mmearth10: Path, tmp_path: Path) -> None:

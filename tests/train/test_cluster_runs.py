@@ -1,0 +1,194 @@
+"""Pretraining as it runs on a cloud cluster: results only in a bucket, workers on two nodes, a node that
+vanishes, a spot node drained with a deadline, a store that goes away, checkpoints inside an epoch.
+
+The session's cluster (tests/conftest.py) has a head and ``node-b``; a test adds a ``victim`` node. Runs
+here ask each worker for one ``trainer_slot``, which the head lacks, so the two workers sit on node-b and
+the victim: losing the victim loses a worker mid-epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mpmae.storage as storage
+from mpmae.checkpoint import COMPLETE_FILE, load_checkpoint, stored_checkpoint_names, stored_incomplete_reason
+from mpmae.config import ConfigError, PretrainConfig, load_config
+from mpmae.data.synth import write_synthetic_mmearth
+from mpmae.export import fetched
+from mpmae.storage import StoreUnavailableError
+from mpmae.train.trainer import pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.ray]
+
+# 40 tiles -> 32 in train; a global batch of 8 -> 4 steps per epoch, whatever the worker count.
+STEPS_PER_EPOCH = 4
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_mmearth(tmp_path_factory.mktemp("cluster") / "data", tiles=40, seed=3)
+
+
+def _config(data: Path | str, storage_uri: str, name: str, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, REPO / "configs" / "demo.yaml", [
+        f"data.path={data}", f"run.storage_path={storage_uri}", f"run.name={name}", "optim.batch_size=8",
+        "optim.epochs=3", "model.decoder_dim=64", "run.cpus_per_worker=0.5", "run.worker_resources={trainer_slot: 1}",
+        "run.checkpoint_every_steps=2", "run.keep_checkpoints=20", *overrides,
+    ])
+
+
+def _markers(run: str) -> dict[str, dict[str, Any]]:
+    """The complete.json of every whole checkpoint folder of a run in the store, by folder name (Ray
+    uploads a folder's files in parallel: the small marker may land before the state)."""
+    found = {}
+    for name in stored_checkpoint_names(run):
+        folder = storage.join(run, name)
+        if stored_incomplete_reason(folder) is None:
+            found[name] = json.loads(storage.read_bytes(storage.join(folder, COMPLETE_FILE)))
+    return found
+
+
+def _wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def _final(run: str) -> dict[str, Any]:
+    with fetched(run) as local:
+        return load_checkpoint(local)
+
+
+def _final_folder(run: str, name: str) -> Path:
+    """A checkpoint folder of the store, downloaded (kept for the test's life by pytest's tmp folder)."""
+    return storage.download(storage.join(run, name), Path(tempfile.mkdtemp()) / name)
+
+
+def _in_background(work: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001 - surfaced by the test after the run
+            errors.append(err)
+
+    thread = threading.Thread(target=guarded, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+@pytest.mark.timeout(420)
+def test_a_lost_node_resumes_from_the_newest_step_checkpoint(
+        s3: Any, ray_node: Callable[..., Any], synth: Path) -> None:
+    """A node vanishes mid-epoch (no notice); the autoscaler's replacement joins; the run resumes from the
+    newest checkpoint in the bucket and ends with exactly the config's steps: none repeated, none skipped."""
+    bucket = s3.bucket()
+    run = storage.join(bucket, "runs", "loss")
+    victim = ray_node({"trainer_slot": 1, "victim": 1})
+    at_loss: dict[str, Any] = {}
+
+    def lose_the_victim() -> None:
+        _wait_for(lambda: any(m["batch"] for m in _markers(run).values()), 240, "no step checkpoint appeared")
+        victim.kill()
+        at_loss.update(max(_markers(run).values(), key=lambda m: m["step"]))
+        ray_node({"trainer_slot": 1})  # the autoscaler's replacement
+
+    thread, errors = _in_background(lose_the_victim)
+    result = pretrain(_config(synth, storage.join(bucket, "runs"), "loss", "run.max_failures=2"))
+    thread.join()
+    assert not errors, errors
+    payload = _final(run)
+    assert payload["epoch"] == 3 and payload["step"] == 3 * STEPS_PER_EPOCH
+    assert [h["step"] for h in payload["history"]] == [4, 8, 12]
+    resumed = payload["resumes"][-1]
+    # Resumed from the newest checkpoint at the loss or a later one written before the group stopped:
+    # the steps redone are fewer than run.checkpoint_every_steps.
+    assert resumed["step"] >= at_loss["step"] and resumed["workers"] == 2
+    assert result.path.startswith("s3://") or result.path.startswith(bucket.removeprefix("s3://"))
+    assert all(m["files"]["state.pt"] > 0 for m in _markers(run).values())
+
+
+@pytest.mark.timeout(420)
+def test_a_drained_spot_node_gets_a_checkpoint_at_the_notice_and_the_run_shrinks(
+        s3: Any, ray_cluster: Any, ray_node: Callable[..., Any], synth: Path) -> None:
+    """`ray drain-node` with the preemption reason, as the autoscaler does on a spot notice: the workers
+    checkpoint at once and take no further step; Ray restarts the run without the node (elastic: one worker
+    on), counting a preemption, not a failure (run.max_failures=0)."""
+    bucket = s3.bucket()
+    run = storage.join(bucket, "runs", "spot")
+    victim = ray_node({"trainer_slot": 1})
+    notice: dict[str, Any] = {}
+
+    def drain_the_victim() -> None:
+        _wait_for(lambda: any(m["batch"] for m in _markers(run).values()), 240, "no step checkpoint appeared")
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", f"--address={ray_cluster.address}",
+                        f"--node-id={victim.node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message=spot reclaim", "--deadline-remaining-seconds=15"],
+                       check=True, capture_output=True, timeout=60)
+        notice.update(_wait_for(lambda: [m for m in _markers(run).values() if m["reason"] == "preemption"], 60,
+                                "no checkpoint was taken at the notice")[0])
+        victim.kill()
+
+    thread, errors = _in_background(drain_the_victim)
+    pretrain(_config(synth, storage.join(bucket, "runs"), "spot", "run.min_workers=1", "run.max_failures=0",
+                     "run.preemption_check_steps=1"))
+    thread.join()
+    assert not errors, errors
+    payload = _final(run)
+    assert payload["epoch"] == 3 and payload["step"] == 3 * STEPS_PER_EPOCH
+    resumed = payload["resumes"][-1]
+    assert resumed["step"] == notice["step"] and resumed["workers"] == 1  # no step lost beyond the notice
+    assert [h["workers"] for h in payload["history"]][-1] == 1
+    assert [h["step"] for h in payload["history"]] == [4, 8, 12]  # one worker: the same global batch
+
+
+@pytest.mark.timeout(420)
+def test_a_store_that_goes_away_fails_clearly_and_a_rerun_resumes(s3: Any, ray_node: Callable[..., Any],
+                                                                  synth: Path) -> None:
+    """No store at the start: one line before any worker. The store gone mid-run: one line naming the run's
+    storage; the checkpoint already whole stays loadable, and a rerun resumes from it without touching it."""
+    bucket = s3.bucket()
+    run = storage.join(bucket, "runs", "outage")
+    ray_node({"trainer_slot": 1})
+    config = _config(synth, storage.join(bucket, "runs"), "outage", "run.max_failures=0", "optim.epochs=2")
+    with s3.outage(), pytest.raises(ConfigError, match=r"^run.storage_path: s3://.*/runs: the store did not answer"):
+        pretrain(config)
+
+    failed = threading.Event()
+
+    def cut() -> None:
+        _wait_for(lambda: _markers(run), 240, "no checkpoint appeared")
+        with s3.outage():
+            failed.wait(240)
+
+    thread, errors = _in_background(cut)
+    with pytest.raises(StoreUnavailableError, match=r"s3://.*/runs: the store did not answer while Ray Train"):
+        pretrain(config)
+    failed.set()
+    thread.join()
+    assert not errors, errors
+    good = _markers(run)
+    kept = {name: storage.info(storage.join(run, name, "state.pt")).mtime for name in good}
+    payload = load_checkpoint(_final_folder(run, max(good, key=lambda n: good[n]["step"])))
+    assert payload["step"] == max(m["step"] for m in good.values())
+
+    pretrain(config)
+    final = _final(run)
+    assert final["step"] == 2 * STEPS_PER_EPOCH and final["resumes"][-1]["step"] == payload["step"]
+    assert {name: storage.info(storage.join(run, name, "state.pt")).mtime for name in good} == kept
