@@ -105,7 +105,7 @@ def test_ffcv_shards_layout(mmearth10: Path, tmp_path: Path) -> None:
     assert handlers["canopy_height_et"].dtype == np.float32  # stored under FFCV's 16-byte name
     assert handlers["esa_worldcover"].dtype == np.int64 and handlers["id"].dtype == np.uint8
     sidecar = json.loads((tmp_path / "train-ffcv.json").read_text())
-    assert [(s["name"], s["rows"]) for s in sidecar["shards"]] == [(p.name, n) for p, n in zip(paths, [6, 2])]
+    assert [(s["name"], s["rows"]) for s in sidecar["shards"]] == [(paths[0].name, 6), (paths[1].name, 2)]
     assert "band_stats" in sidecar and sidecar["rows"] == 8
     assert find_shards(tmp_path, format="ffcv") == paths
 

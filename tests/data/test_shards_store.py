@@ -18,7 +18,7 @@ from mpmae.data import MMEarthDataset
 from mpmae.data.loaders import ffcv_loader, iter_ray_batches, ray_dataset
 from mpmae.data.shards import ShardError, find_shards, read_shard_metadata, table_to_batch, write_shards
 from mpmae.train.trainer import describe_data
-from tests.conftest import S3Store
+from tests.conftest import RayHead, S3Store
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_TIMEOUT = 120
@@ -76,14 +76,18 @@ def test_ffcv_shards_are_uploaded_whole_and_read_locally_only(s3: S3Store, mmear
 
 @pytest.mark.ray
 @pytest.mark.timeout(RAY_TIMEOUT)
-def test_ray_tasks_write_into_the_bucket_and_ray_data_streams_it(ray_cluster: object, s3: S3Store,
-                                                                 mmearth10: Path, expected: dict) -> None:
+def test_ray_tasks_write_into_the_bucket_and_ray_data_streams_it(ray_cluster: RayHead, s3: S3Store,
+                                                                 mmearth10: Path, expected: dict,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
     from ray.util.state import list_tasks
 
     out = f"{s3.bucket()}/shards"
     paths = write_shards(mmearth10, out, "parquet", tiles_per_shard=3, progress=False)  # Ray is up: tasks
     assert find_shards(out) == paths and manifest_of(out)["rows"] == 8
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)
+    assert main(["shard", str(mmearth10), f"{out}-cli", "--tiles-per-shard", "3", "--ray"]) == 0
+    assert manifest_of(f"{out}-cli")["fingerprint"] == manifest_of(out)["fingerprint"]
     tasks = list_tasks(filters=[("name", "=", f"mpmae shard {NAMES3[0]}")])
     assert tasks and {t.node_id for t in tasks} == {ray.get_runtime_context().get_node_id()}  # the h5's node
     batches = list(iter_ray_batches(ray_dataset(out, block_rows=4), batch_size=4))
