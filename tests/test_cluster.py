@@ -69,6 +69,29 @@ def test_launcher_files_keep_the_kit_rules() -> None:
         assert "0.0.0.0" not in yaml.safe_dump(config)  # no open CIDR, no dashboard on all interfaces
 
 
+def _pods(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+
+
+def test_data_and_results_live_in_the_bucket() -> None:
+    """No node gets a copy of the training data and no shared volume: shards, runs and results are URIs."""
+    for name, scheme in (("aws.yaml", "s3://"), ("gcp.yaml", "gs://")):
+        commands = "\n".join(_load(name)["setup_commands"])
+        assert f"MPMAE_STORAGE=%s\\n' '{scheme}" in commands
+        for copy_line in ("s3 sync", "s3 cp", "storage rsync", "storage cp", "gsutil", "mount "):
+            assert copy_line not in commands, f"{name}: setup_commands copy data onto the nodes ({copy_line!r})"
+    for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):
+        document = _load(name)
+        spec = document["spec"].get("rayClusterSpec", document["spec"])
+        for pod in _pods(spec):
+            assert "initContainers" not in pod
+            assert all("persistentVolumeClaim" not in v for v in pod.get("volumes", [])), name
+            assert pod.get("serviceAccountName"), f"{name}: every pod reaches the bucket with its service account"
+    entrypoint = _load("kuberay/rayjob.yaml")["spec"]["entrypoint"]
+    for part in ("data.path=s3://", "data.format=parquet", "run.storage_path=s3://"):
+        assert part in entrypoint
+
+
 def test_cli_prints_one_line_per_file_and_fails_if_any_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = _broken(tmp_path, "aws.yaml", lambda c: c.__setitem__("head_node_type", "nope"))
     assert cli_validate([str(CLUSTER / "aws.yaml")]) == 0

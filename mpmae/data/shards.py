@@ -639,7 +639,12 @@ def _write_with_ray(jobs: Sequence[tuple[range, Path | str]], source_dir: str, d
 
     if not ray.is_initialized():
         ray.init()
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
+    if cpus < 1:  # a head that declares no CPU: the pinned tasks would wait forever
+        raise ShardError(f"this node ({node[:12]}) offers Ray no CPU, and the shard tasks must run where the h5 "
+                         "is: run `mpmae shard --ray` on a node with CPUs, or without --ray")
+    here = NodeAffinitySchedulingStrategy(node, soft=False)
     task = ray.remote(num_cpus=1)(_shard_task)
     pending = {
         task.options(name=f"mpmae shard {storage.name_of(target)}", scheduling_strategy=here).remote(

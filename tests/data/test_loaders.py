@@ -204,3 +204,19 @@ def test_ffcv_loader_equals_mmearth_dataset(synth: Path, expected: dict, tmp_pat
     first, second = ([i for b in shuffled for i in b["id"]] for _ in range(2))
     assert sorted(first) == sorted(second) == expected["id"] and first != second
     assert list(next(iter(shuffled))) == ["era5", "id"]
+
+
+def test_a_mid_epoch_resume_on_ffcv_takes_exactly_the_rest_of_the_epoch(synth: Path, tmp_path: Path) -> None:
+    """A rank's epoch order depends only on (seed, epoch, rank), the seed the worker gives a fresh loader each
+    epoch: skipping the batches a checkpoint had done yields the rest of that epoch, none repeated or missed."""
+    write_shards(synth, tmp_path, "ffcv", tiles_per_shard=20, progress=False)
+
+    def epoch_ids(skip: int) -> list[list[str]]:
+        batches = iter(ffcv_loader(tmp_path, batch_size=4, shuffle=True, seed=1003, drop_last=True,
+                                   modalities=["era5"]))
+        for _ in range(skip):
+            next(batches)
+        return [list(b["id"]) for b in batches]
+
+    whole, resumed = epoch_ids(0), epoch_ids(3)
+    assert resumed == whole[3:] and len({i for b in whole for i in b}) == 4 * len(whole)

@@ -1,9 +1,10 @@
-"""Pretraining as it runs on a cloud cluster: results only in a bucket, workers on two nodes, a node that
-vanishes, a spot node drained with a deadline, a store that goes away, checkpoints inside an epoch.
+"""Pretraining as it runs on a cloud cluster: data and results only in a bucket, workers on two nodes, a
+node that vanishes, a spot node drained with a deadline, a store that goes away, checkpoints inside an epoch.
 
-The session's cluster (tests/conftest.py) has a head and ``node-b``; a test adds a ``victim`` node. Runs
-here ask each worker for one ``trainer_slot``, which the head lacks, so the two workers sit on node-b and
-the victim: losing the victim loses a worker mid-epoch.
+The session's cluster (tests/conftest.py) has a head and ``node-b``; a test adds a ``victim`` node. The
+fault runs ask each worker for one ``trainer_slot``, which the head lacks, so the two workers sit on node-b
+and the victim: losing the victim loses a worker mid-epoch. The only local files read are config files and
+the source h5 (sharded into the bucket once per module) and the probe's h5.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import mpmae.storage as storage
 from mpmae.checkpoint import COMPLETE_FILE, load_checkpoint, stored_checkpoint_names, stored_incomplete_reason
 from mpmae.config import ConfigError, PretrainConfig, load_config
+from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.export import fetched
 from mpmae.storage import StoreUnavailableError
@@ -40,11 +42,20 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_mmearth(tmp_path_factory.mktemp("cluster") / "data", tiles=40, seed=3)
 
 
-def _config(data: Path | str, storage_uri: str, name: str, *overrides: str) -> PretrainConfig:
+@pytest.fixture(scope="module")
+def shards(s3: Any, ray_cluster: Any, synth: Path) -> str:
+    """The training split as Parquet shards in a bucket, written by Ray tasks (`mpmae shard` on a cluster)."""
+    uri = storage.join(s3.bucket("data"), "shards")
+    write_shards(synth, uri, tiles_per_shard=16, progress=False, parallel=True)
+    return uri
+
+
+def _config(data: str, storage_uri: str, name: str, *overrides: str) -> PretrainConfig:
     return load_config(PretrainConfig, REPO / "configs" / "demo.yaml", [
-        f"data.path={data}", f"run.storage_path={storage_uri}", f"run.name={name}", "optim.batch_size=8",
-        "optim.epochs=3", "model.decoder_dim=64", "run.cpus_per_worker=0.5", "run.worker_resources={trainer_slot: 1}",
-        "run.checkpoint_every_steps=2", "run.keep_checkpoints=20", *overrides,
+        f"data.path={data}", "data.format=parquet", f"run.storage_path={storage_uri}", f"run.name={name}",
+        "optim.batch_size=8", "optim.epochs=3", "model.decoder_dim=64", "run.cpus_per_worker=0.5",
+        "run.worker_resources={trainer_slot: 1}", "run.checkpoint_every_steps=2", "run.keep_checkpoints=20",
+        *overrides,
     ])
 
 
@@ -95,7 +106,7 @@ def _in_background(work: Callable[[], None]) -> tuple[threading.Thread, list[Bas
 
 @pytest.mark.timeout(420)
 def test_a_lost_node_resumes_from_the_newest_step_checkpoint(
-        s3: Any, ray_node: Callable[..., Any], synth: Path) -> None:
+        s3: Any, ray_node: Callable[..., Any], shards: str) -> None:
     """A node vanishes mid-epoch (no notice); the autoscaler's replacement joins; the run resumes from the
     newest checkpoint in the bucket and ends with exactly the config's steps: none repeated, none skipped."""
     bucket = s3.bucket()
@@ -110,7 +121,7 @@ def test_a_lost_node_resumes_from_the_newest_step_checkpoint(
         ray_node({"trainer_slot": 1})  # the autoscaler's replacement
 
     thread, errors = _in_background(lose_the_victim)
-    result = pretrain(_config(synth, storage.join(bucket, "runs"), "loss", "run.max_failures=2"))
+    result = pretrain(_config(shards, storage.join(bucket, "runs"), "loss", "run.max_failures=2"))
     thread.join()
     assert not errors, errors
     payload = _final(run)
@@ -126,7 +137,7 @@ def test_a_lost_node_resumes_from_the_newest_step_checkpoint(
 
 @pytest.mark.timeout(420)
 def test_a_drained_spot_node_gets_a_checkpoint_at_the_notice_and_the_run_shrinks(
-        s3: Any, ray_cluster: Any, ray_node: Callable[..., Any], synth: Path) -> None:
+        s3: Any, ray_cluster: Any, ray_node: Callable[..., Any], shards: str) -> None:
     """`ray drain-node` with the preemption reason, as the autoscaler does on a spot notice: the workers
     checkpoint at once and take no further step; Ray restarts the run without the node (elastic: one worker
     on), counting a preemption, not a failure (run.max_failures=0)."""
@@ -146,7 +157,7 @@ def test_a_drained_spot_node_gets_a_checkpoint_at_the_notice_and_the_run_shrinks
         victim.kill()
 
     thread, errors = _in_background(drain_the_victim)
-    pretrain(_config(synth, storage.join(bucket, "runs"), "spot", "run.min_workers=1", "run.max_failures=0",
+    pretrain(_config(shards, storage.join(bucket, "runs"), "spot", "run.min_workers=1", "run.max_failures=0",
                      "run.preemption_check_steps=1"))
     thread.join()
     assert not errors, errors
@@ -160,13 +171,13 @@ def test_a_drained_spot_node_gets_a_checkpoint_at_the_notice_and_the_run_shrinks
 
 @pytest.mark.timeout(420)
 def test_a_store_that_goes_away_fails_clearly_and_a_rerun_resumes(s3: Any, ray_node: Callable[..., Any],
-                                                                  synth: Path) -> None:
+                                                                  shards: str) -> None:
     """No store at the start: one line before any worker. The store gone mid-run: one line naming the run's
     storage; the checkpoint already whole stays loadable, and a rerun resumes from it without touching it."""
     bucket = s3.bucket()
     run = storage.join(bucket, "runs", "outage")
     ray_node({"trainer_slot": 1})
-    config = _config(synth, storage.join(bucket, "runs"), "outage", "run.max_failures=0", "optim.epochs=2")
+    config = _config(shards, storage.join(bucket, "runs"), "outage", "run.max_failures=0", "optim.epochs=2")
     with s3.outage(), pytest.raises(ConfigError, match=r"^run.storage_path: s3://.*/runs: the store did not answer"):
         pretrain(config)
 
@@ -192,3 +203,46 @@ def test_a_store_that_goes_away_fails_clearly_and_a_rerun_resumes(s3: Any, ray_n
     final = _final(run)
     assert final["step"] == 2 * STEPS_PER_EPOCH and final["resumes"][-1]["step"] == payload["step"]
     assert {name: storage.info(storage.join(run, name, "state.pt")).mtime for name in good} == kept
+
+
+@pytest.mark.timeout(420)
+def test_the_cloud_workflow_keeps_data_and_results_in_the_bucket(s3: Any, shards: str, synth: Path) -> None:
+    """Shards in the bucket -> pretraining with its workers on two nodes -> export -> probe, every result in
+    the bucket; a rerun of the export overwrites nothing."""
+    from ray.util.state import list_actors
+
+    from mpmae.cli import main
+    from mpmae.evaluation.probe_table import probe_table
+    from mpmae.export import export_encoder
+
+    bucket = s3.bucket()
+    nodes: set[str] = set()
+
+    def watch_placement() -> None:
+        def placed() -> bool:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            nodes.update(w.node_id for w in workers)
+            return len(nodes) >= 2
+        _wait_for(placed, 240, "the workers never ran on two nodes")
+
+    thread, errors = _in_background(watch_placement)
+    result = pretrain(_config(shards, storage.join(bucket, "runs"), "e2e", "optim.epochs=1",
+                              "run.worker_resources={}", "run.placement_strategy=STRICT_SPREAD"))
+    thread.join()
+    assert not errors and len(nodes) == 2, (errors, nodes)
+    run = storage.join(bucket, "runs", "e2e")
+    payload = _final(run)
+    assert payload["step"] == STEPS_PER_EPOCH and payload["history"][0]["loss"] > 0
+    assert result.checkpoint is not None
+
+    export = storage.join(bucket, "exports", "e2e")
+    assert export_encoder(run, export) == export
+    assert set(storage.file_sizes(export)) == {"encoder.pt", "model_card.json"}
+    card = storage.read_bytes(storage.join(export, "model_card.json"))
+    assert main(["export", run, export]) == 2  # refused, naming the file; nothing rewritten
+    assert storage.read_bytes(storage.join(export, "model_card.json")) == card
+    rows = probe_table([export, None], "land_cover", data=synth, epochs=20)
+    assert rows[0]["encoder"] and all(0.0 <= r["score"] <= 1.0 for r in rows)
+    assert main(["probe", "--checkpoint", export, "--task", "land_cover", "--data", str(synth), "--epochs", "5",
+                 "--out", storage.join(bucket, "probe.json")]) == 0
+    assert json.loads(storage.read_bytes(storage.join(bucket, "probe.json")))[0]["task"] == "land_cover"
