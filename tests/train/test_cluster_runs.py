@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import mpmae.storage as storage
 from mpmae.checkpoint import COMPLETE_FILE, load_checkpoint, stored_checkpoint_names, stored_incomplete_reason
@@ -121,12 +122,12 @@ def test_a_lost_node_resumes_from_the_newest_step_checkpoint(
         ray_node({"trainer_slot": 1})  # the autoscaler's replacement
 
     thread, errors = _in_background(lose_the_victim)
-    result = pretrain(_config(shards, storage.join(bucket, "runs"), "loss", "run.max_failures=2"))
+    result = pretrain(_config(shards, storage.join(bucket, "runs"), "loss", "run.max_failures=2", "optim.epochs=2"))
     thread.join()
     assert not errors, errors
     payload = _final(run)
-    assert payload["epoch"] == 3 and payload["step"] == 3 * STEPS_PER_EPOCH
-    assert [h["step"] for h in payload["history"]] == [4, 8, 12]
+    assert payload["epoch"] == 2 and payload["step"] == 2 * STEPS_PER_EPOCH
+    assert [h["step"] for h in payload["history"]] == [4, 8]
     resumed = payload["resumes"][-1]
     # Resumed from the newest checkpoint at the loss or a later one written before the group stopped:
     # the steps redone are fewer than run.checkpoint_every_steps.
@@ -150,7 +151,7 @@ def test_a_drained_spot_node_gets_a_checkpoint_at_the_notice_and_the_run_shrinks
         _wait_for(lambda: any(m["batch"] for m in _markers(run).values()), 240, "no step checkpoint appeared")
         subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", f"--address={ray_cluster.address}",
                         f"--node-id={victim.node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
-                        "--reason-message=spot reclaim", "--deadline-remaining-seconds=15"],
+                        "--reason-message=spot reclaim", "--deadline-remaining-seconds=5"],
                        check=True, capture_output=True, timeout=60)
         notice.update(_wait_for(lambda: [m for m in _markers(run).values() if m["reason"] == "preemption"], 60,
                                 "no checkpoint was taken at the notice")[0])
@@ -158,28 +159,30 @@ def test_a_drained_spot_node_gets_a_checkpoint_at_the_notice_and_the_run_shrinks
 
     thread, errors = _in_background(drain_the_victim)
     pretrain(_config(shards, storage.join(bucket, "runs"), "spot", "run.min_workers=1", "run.max_failures=0",
-                     "run.preemption_check_steps=1"))
+                     "run.preemption_check_steps=1", "optim.epochs=2"))
     thread.join()
     assert not errors, errors
     payload = _final(run)
-    assert payload["epoch"] == 3 and payload["step"] == 3 * STEPS_PER_EPOCH
+    assert payload["epoch"] == 2 and payload["step"] == 2 * STEPS_PER_EPOCH
     resumed = payload["resumes"][-1]
     assert resumed["step"] == notice["step"] and resumed["workers"] == 1  # no step lost beyond the notice
     assert [h["workers"] for h in payload["history"]][-1] == 1
-    assert [h["step"] for h in payload["history"]] == [4, 8, 12]  # one worker: the same global batch
+    assert [h["step"] for h in payload["history"]] == [4, 8]  # one worker: the same global batch
 
 
 @pytest.mark.timeout(420)
 def test_a_store_that_goes_away_fails_clearly_and_a_rerun_resumes(s3: Any, ray_node: Callable[..., Any],
-                                                                  shards: str) -> None:
+                                                                  shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """No store at the start: one line before any worker. The store gone mid-run: one line naming the run's
     storage; the checkpoint already whole stays loadable, and a rerun resumes from it without touching it."""
     bucket = s3.bucket()
     run = storage.join(bucket, "runs", "outage")
     ray_node({"trainer_slot": 1})
     config = _config(shards, storage.join(bucket, "runs"), "outage", "run.max_failures=0", "optim.epochs=2")
+    monkeypatch.setattr(storage, "STORE_TRIES", 1)  # the driver's check: no retries to wait for
     with s3.outage(), pytest.raises(ConfigError, match=r"^run.storage_path: s3://.*/runs: the store did not answer"):
         pretrain(config)
+    monkeypatch.undo()
 
     failed = threading.Event()
 
@@ -213,7 +216,8 @@ def test_the_cloud_workflow_keeps_data_and_results_in_the_bucket(s3: Any, shards
 
     from mpmae.cli import main
     from mpmae.evaluation.probe_table import probe_table
-    from mpmae.export import export_encoder
+    from mpmae.export import export_encoder, load_encoder
+    from mpmae.models import Classifier
 
     bucket = s3.bucket()
     nodes: set[str] = set()
@@ -232,13 +236,23 @@ def test_the_cloud_workflow_keeps_data_and_results_in_the_bucket(s3: Any, shards
     assert not errors and len(nodes) == 2, (errors, nodes)
     run = storage.join(bucket, "runs", "e2e")
     payload = _final(run)
-    assert payload["step"] == STEPS_PER_EPOCH and payload["history"][0]["loss"] > 0
-    assert result.checkpoint is not None
+    assert payload["epoch"] == 1 and payload["step"] == STEPS_PER_EPOCH and payload["history"][0]["loss"] > 0
+    assert set(payload) >= {"model", "optimizer", "scheduler", "scaler", "config", "data_position", "norm_stats"}
+    assert payload["norm_stats"]["bands"][7] == "B8A"
+    metrics = result.metrics
+    assert {f"loss/{t}" for t in ("sentinel2", "biome", "esa_worldcover")} <= set(metrics)
+    assert {"lr", "samples_per_s", "data_wait_s", "weight/era5", "log_var/era5", "skipped_steps"} <= set(metrics)
+    assert metrics["skipped_steps"] == 0 and metrics["samples_per_s"] > 0 and metrics["workers"] == 2
 
     export = storage.join(bucket, "exports", "e2e")
     assert export_encoder(run, export) == export
     assert set(storage.file_sizes(export)) == {"encoder.pt", "model_card.json"}
     card = storage.read_bytes(storage.join(export, "model_card.json"))
+    facts = json.loads(card)
+    assert facts["bands"] == payload["norm_stats"]["bands"] and facts["patch_size"] == 8
+    assert facts["input_size"] == 56 and len(facts["normalisation"]["sentinel2_l2a"]["mean"]) == 12
+    encoder, _ = load_encoder(export)  # strict: no missing or unexpected keys
+    assert Classifier(encoder, 43)(torch.zeros(1, 12, 120, 120)).shape == (1, 43)
     assert main(["export", run, export]) == 2  # refused, naming the file; nothing rewritten
     assert storage.read_bytes(storage.join(export, "model_card.json")) == card
     rows = probe_table([export, None], "land_cover", data=synth, epochs=20)

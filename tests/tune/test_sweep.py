@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -10,10 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import mpmae.storage as storage
+from mpmae.checkpoint import stored_checkpoint_names
 from mpmae.config import PretrainConfig, SweepConfig, load_config
+from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.export import load_encoder
 from mpmae.tune.plan import TRIALS_DIR
@@ -32,9 +37,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             write_synthetic_mmearth(root / "probe", tiles=1000, seed=4))
 
 
-def _overrides(data: tuple[Path, Path], storage: Path, name: str, *extra: str) -> list[str]:
+def _overrides(data: tuple[Path, Path], storage_path: Path | str, name: str, *extra: str) -> list[str]:
     return [
-        f"name={name}", f"storage_path={storage}", f"base={REPO / 'configs' / 'demo.yaml'}",
+        f"name={name}", f"storage_path={storage_path}", f"base={REPO / 'configs' / 'demo.yaml'}",
         f"pretrain.data.path={data[0]}", f"pretrain.probe.data={data[1]}", "pretrain.probe.epochs=100",
         "pretrain.optim.batch_size=8", "pretrain.optim.epochs=2", "pretrain.model.decoder_dim=64",
         "search_alg.sampler=random", *extra,
@@ -47,12 +52,18 @@ def _sweep(*overrides: str) -> SweepConfig:
 
 @pytest.mark.timeout(900)
 def test_asha_sweep_stops_trials_early_and_writes_its_summary(
-    ray_cluster: object, data: tuple[Path, Path], tmp_path: Path
+    ray_cluster: object, s3: Any, data: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    """The sweep as on a cloud cluster: its trials train on Parquet shards in a bucket and every result (Tune's
+    state, the trials' checkpoints, tables, plot, best config and encoder) goes to the bucket."""
+    bucket = s3.bucket()
+    shards = storage.join(bucket, "shards")
+    write_shards(data[0], shards, tiles_per_shard=16, progress=False)
     # reduction factor 4, one rung after epoch 1: a trial goes on only with the best score so far
-    summary = tune(_sweep(*_overrides(data, tmp_path, "asha", "num_samples=5", "scheduler.grace_period=1",
-                                      "scheduler.reduction_factor=4")))
-    folder = tmp_path / "asha"
+    summary = tune(_sweep(*_overrides(data, bucket, "asha", "num_samples=5", "scheduler.grace_period=1",
+                                      "scheduler.reduction_factor=4", f"pretrain.data.path={shards}",
+                                      "pretrain.data.format=parquet")))
+    folder = storage.join(bucket, "asha")
     rows = summary["trials"]
     assert len(rows) == 5 and {r["state"] for r in rows} <= {"completed", "stopped early"}
     stopped = [r for r in rows if r["state"] == "stopped early"]
@@ -60,25 +71,27 @@ def test_asha_sweep_stops_trials_early_and_writes_its_summary(
     assert any(r["state"] == "completed" and r["epochs_run"] == 2 for r in rows)
     assert all(0.0 <= r["probe_score"] <= 1.0 for r in rows)
     for row in rows:  # every trial is its own Train run, checkpointed at each probe
-        assert len(list((folder / TRIALS_DIR / row["trial_id"]).glob("epoch-*"))) == row["epochs_run"]
+        assert len(stored_checkpoint_names(storage.join(folder, TRIALS_DIR, row["trial_id"]))) == row["epochs_run"]
 
-    with (folder / "trials.csv").open() as f:
-        table = list(csv.DictReader(f))
+    table = list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(folder, "trials.csv")).decode())))
     assert [r["trial_id"] for r in table] == [r["trial_id"] for r in rows]
     assert {"probe_score", "epochs_run", "state", "model.mask_ratio", "optim.blr", "model.loss"} <= set(table[0])
-    assert json.loads((folder / "trials.json").read_text())[0]["trial_id"] == rows[0]["trial_id"]
-    assert (folder / "probe_score.png").stat().st_size > 10_000
+    assert json.loads(storage.read_bytes(storage.join(folder, "trials.json")))[0]["trial_id"] == rows[0]["trial_id"]
+    assert storage.info(storage.join(folder, "probe_score.png")).size > 10_000
 
     best = summary["best"]
     assert best["probe_score"] == max(r["probe_score"] for r in rows)
-    config = load_config(PretrainConfig, folder / "best_config.yaml")
+    best_config = tmp_path / "best_config.yaml"
+    best_config.write_bytes(storage.read_bytes(storage.join(folder, "best_config.yaml")))
+    config = load_config(PretrainConfig, best_config)
     assert config.model.mask_ratio == best["model.mask_ratio"] and config.optim.blr == best["optim.blr"]
     assert config.model.loss == best["model.loss"] and config.run.name == "asha-best"
     assert config.optim.epochs == 2 and config.probe.task == "land_cover"
+    assert config.data.path == shards and config.run.storage_path.startswith(bucket)
     if best["model.loss"] == "weighted":
         assert config.model.task_weights == {k.rsplit(".", 1)[1]: v for k, v in best.items()
                                              if k.startswith("model.task_weights.")}
-    encoder, card = load_encoder(folder / f"best-encoder-{best['trial_id']}")
+    encoder, card = load_encoder(storage.join(folder, f"best-encoder-{best['trial_id']}"))
     assert card["bands"][0] == "B1" and encoder.features_only
 
 
