@@ -55,6 +55,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) bench/data_loading.py
 	$(PY) bench/model_step.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/checkpoint_stall.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

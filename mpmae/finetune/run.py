@@ -86,7 +86,7 @@ def finetune_loop(loop_config: dict[str, Any]) -> None:
             best = {"metric": row["val_metric"], "epoch": row["epoch"],
                     "model": copy.deepcopy(finetuner.model.state_dict())}
         _report(row, rank, {"finetuner": finetuner.state_dict(), "history": history, "best": best,
-                            "config": loop_config["config"]})
+                            "config": loop_config["config"]}, upload_async=config.run.async_upload)
     selected = fine.epochs - 1
     if fine.select == "best_val":
         finetuner.model.load_state_dict(best["model"])
@@ -95,7 +95,7 @@ def finetune_loop(loop_config: dict[str, Any]) -> None:
     final = {**history[-1], "test_loss": test["loss"], "test_metric": test["metric"], "selected_epoch": selected,
              "history": history}
     _report(final, rank, {"finetuner": finetuner.state_dict(), "history": history, "best": best,
-                          "config": loop_config["config"]}, "final")
+                          "config": loop_config["config"]}, "final", config.run.async_upload)
 
 
 def _evaluate(finetuner: Finetuner, loader: DataLoader) -> dict[str, float]:
@@ -103,10 +103,12 @@ def _evaluate(finetuner: Finetuner, loader: DataLoader) -> dict[str, float]:
                     ignore_index=finetuner.ignore_index, device=finetuner.device)
 
 
-def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any], name: str | None = None) -> None:
-    """Report an epoch; rank 0 attaches the state (the last one, ``final``, holds the selected weights)."""
+def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any], name: str | None = None,
+            upload_async: bool = False) -> None:
+    """Report an epoch; rank 0 attaches the state (the last one, ``final``, holds the selected weights);
+    with ``upload_async`` Ray copies it into storage in the background."""
     report_with_checkpoint(metrics, rank, lambda folder: save_state(folder, state),
-                           name or f"epoch-{metrics['epoch'] + 1:04d}")
+                           name or f"epoch-{metrics['epoch'] + 1:04d}", upload_async)
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> Path:

@@ -123,7 +123,8 @@ class _Checkpointer:
         inside = state.batch > 0  # a checkpoint taken inside an epoch
         name = checkpoint_name(state.epoch, plan["taken"] if plan else (), state.step if inside else None)
         start = time.perf_counter()
-        report_with_checkpoint(metrics, self.rank, write, name, self.upload_async)
+        # A checkpoint at a preemption notice must be in storage before the node goes: uploaded at once.
+        report_with_checkpoint(metrics, self.rank, write, name, self.upload_async and reason != "preemption")
         self.stall_s += time.perf_counter() - start
         self.count += 1
         self.telemetry.checkpoint(time.perf_counter() - start)

@@ -54,7 +54,7 @@ def shards(s3: Any, ray_cluster: Any, synth: Path) -> str:
 def _config(data: str, storage_uri: str, name: str, *overrides: str) -> PretrainConfig:
     return load_config(PretrainConfig, REPO / "configs" / "demo.yaml", [
         f"data.path={data}", "data.format=parquet", f"run.storage_path={storage_uri}", f"run.name={name}",
-        "optim.batch_size=8", "optim.epochs=3", "model.decoder_dim=64", "run.cpus_per_worker=0.5",
+        "optim.batch_size=8", "optim.epochs=2", "model.decoder_dim=64", "run.cpus_per_worker=0.5",
         "run.worker_resources={trainer_slot: 1}", "run.checkpoint_every_steps=2", "run.keep_checkpoints=20",
         *overrides,
     ])
@@ -151,23 +151,23 @@ def test_a_drained_spot_node_gets_a_checkpoint_at_the_notice_and_the_run_shrinks
         _wait_for(lambda: any(m["batch"] for m in _markers(run).values()), 240, "no step checkpoint appeared")
         subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", f"--address={ray_cluster.address}",
                         f"--node-id={victim.node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
-                        "--reason-message=spot reclaim", "--deadline-remaining-seconds=5"],
+                        "--reason-message=spot reclaim", "--deadline-remaining-seconds=30"],
                        check=True, capture_output=True, timeout=60)
-        notice.update(_wait_for(lambda: [m for m in _markers(run).values() if m["reason"] == "preemption"], 60,
+        notice.update(_wait_for(lambda: [m for m in _markers(run).values() if m["reason"] == "preemption"], 90,
                                 "no checkpoint was taken at the notice")[0])
         victim.kill()
 
     thread, errors = _in_background(drain_the_victim)
     pretrain(_config(shards, storage.join(bucket, "runs"), "spot", "run.min_workers=1", "run.max_failures=0",
-                     "run.preemption_check_steps=1", "optim.epochs=2"))
+                     "run.preemption_check_steps=1", "optim.epochs=3"))
     thread.join()
     assert not errors, errors
     payload = _final(run)
-    assert payload["epoch"] == 2 and payload["step"] == 2 * STEPS_PER_EPOCH
+    assert payload["epoch"] == 3 and payload["step"] == 3 * STEPS_PER_EPOCH
     resumed = payload["resumes"][-1]
     assert resumed["step"] == notice["step"] and resumed["workers"] == 1  # no step lost beyond the notice
     assert [h["workers"] for h in payload["history"]][-1] == 1
-    assert [h["step"] for h in payload["history"]] == [4, 8]  # one worker: the same global batch
+    assert [h["step"] for h in payload["history"]] == [4, 8, 12]  # one worker: the same global batch
 
 
 @pytest.mark.timeout(420)
