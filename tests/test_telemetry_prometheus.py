@@ -156,15 +156,16 @@ def _get(url: str) -> Any:
 
 @pytest.fixture
 def prometheus(ray_cluster: object, tmp_path: Path) -> Iterator[str]:
-    """Prometheus on loopback scraping the head node's metrics export port every second."""
+    """Prometheus on loopback scraping every live node's metrics export port every second (the session's
+    cluster has several nodes, and the run's workers may sit on any of them)."""
     import ray
 
     binary = _prometheus_binary()
-    target = f"127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}"
+    targets = [f"127.0.0.1:{n['MetricsExportPort']}" for n in ray.nodes() if n["Alive"]]
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": targets}]}],
     }))  # JSON is YAML
     port = _free_port()
     process = subprocess.Popen(

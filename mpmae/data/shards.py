@@ -101,6 +101,8 @@ class ShardError(ValueError):
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
 # -- item layout ------------------------------------------------------------------------------------
 
 

@@ -3,9 +3,11 @@
 Each epoch: draw batches (Ray Data shard or this rank's FFCV shards), crop all pixel modalities at one
 offset per sample, step the model with the recipe's per-iteration learning rate, then report metrics on
 every rank and a checkpoint from rank 0. With a probe configured, reports and checkpoints come every
-``probe.every_epochs`` epochs, each with rank 0's probe score. Resuming picks up at the epoch after the
-latest checkpoint, with the global step count continuing. Step times and epoch values also go to Ray's
-application metrics (:mod:`mpmae.telemetry`), which the Grafana dashboards show.
+``probe.every_epochs`` epochs, each with rank 0's probe score. With ``run.checkpoint_every_steps`` a
+checkpoint also comes inside an epoch, with the batches done; at a preemption notice the workers
+checkpoint at once and wait for Ray Train's restart. Resuming picks up at the checkpoint's epoch and batch,
+with the global step count continuing. Step times and epoch values also go to Ray's application metrics
+(:mod:`mpmae.telemetry`), which the Grafana dashboards show.
 """
 
 from __future__ import annotations
@@ -125,9 +127,10 @@ class _Checkpointer:
         start = time.perf_counter()
         # A checkpoint at a preemption notice must be in storage before the node goes: uploaded at once.
         report_with_checkpoint(metrics, self.rank, write, name, self.upload_async and reason != "preemption")
-        self.stall_s += time.perf_counter() - start
+        stalled = time.perf_counter() - start
+        self.stall_s += stalled
         self.count += 1
-        self.telemetry.checkpoint(time.perf_counter() - start)
+        self.telemetry.checkpoint(stalled)
 
 
 def _wait_for_reclaim(info: Any, rank: int) -> None:

@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.ray]
 
 # 40 tiles -> 32 in train; a global batch of 8 -> 4 steps per epoch, whatever the worker count.
 STEPS_PER_EPOCH = 4
+#: The spot notice's lead time (seconds before the reclaim).
+NOTICE_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +151,14 @@ def test_a_drained_spot_node_gets_a_checkpoint_at_the_notice_and_the_run_shrinks
 
     def drain_the_victim() -> None:
         _wait_for(lambda: any(m["batch"] for m in _markers(run).values()), 240, "no step checkpoint appeared")
+        reclaim = time.monotonic() + NOTICE_S
         subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", f"--address={ray_cluster.address}",
                         f"--node-id={victim.node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
-                        "--reason-message=spot reclaim", "--deadline-remaining-seconds=30"],
+                        "--reason-message=spot reclaim", f"--deadline-remaining-seconds={NOTICE_S}"],
                        check=True, capture_output=True, timeout=60)
         notice.update(_wait_for(lambda: [m for m in _markers(run).values() if m["reason"] == "preemption"], 90,
                                 "no checkpoint was taken at the notice")[0])
+        time.sleep(max(0.0, reclaim - time.monotonic()))  # the cloud takes the instance at the deadline
         victim.kill()
 
     thread, errors = _in_background(drain_the_victim)
