@@ -264,6 +264,10 @@ class DataConfig:
     split: str = "train"
     crop_size: int = 56
     loader_workers: int = 1
+    #: Ray Data feed: rows mixed across blocks in a local shuffle buffer of this many per-worker batches (0: off).
+    shuffle_buffer_batches: int = 4
+    #: Ray Data feed: batches decoded (and copied to the GPU) ahead of the step in background threads.
+    prefetch_batches: int = 2
 
 
 @dataclasses.dataclass
@@ -321,6 +325,8 @@ class RunConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     bf16: bool = True
+    #: Compile the model with torch.compile in every worker: a minute or more of start-up for faster steps.
+    compile: bool = False
     seed: int = 0
     keep_checkpoints: int = 3
     max_failures: int = 2

@@ -11,6 +11,7 @@ norm and head (or anything outside the encoder: a classifier's head, the U-Net d
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,9 +63,29 @@ def param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
+def fused_adamw_ok(params: Iterable[torch.Tensor]) -> bool:
+    """Whether AdamW may take its fused path: floating-point parameters, all on CUDA.
+
+    There one kernel updates every parameter, where the default (foreach) path launches several per
+    parameter group. On the CPU the default path is kept, so CPU runs step exactly as before.
+    """
+    params = list(params)
+    return bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
+
+
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the two pretraining :func:`param_groups` at the recipe's peak lr (the schedule sets it every step)."""
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+    """AdamW over the two pretraining :func:`param_groups` at the recipe's peak lr (the schedule sets it every
+    step); fused when the model's parameters are on CUDA (:func:`fused_adamw_ok`), so call it after moving them."""
+    groups = param_groups(model, optim.weight_decay)
+    fused = fused_adamw_ok(p for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=True if fused else None)
+
+
+def keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """Choose the fused path again for the parameters' device after ``load_state_dict``, which brings back
+    the ``fused`` setting of the run that saved the state (a CPU run's checkpoint resumed on a GPU)."""
+    for group in optimizer.param_groups:
+        group["fused"] = True if fused_adamw_ok(group["params"]) else None
 
 
 @dataclass(frozen=True)

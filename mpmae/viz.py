@@ -33,7 +33,6 @@ import mpmae.storage as storage
 from mpmae.atomic import atomic_write, atomic_write_json
 from mpmae.checkpoint import STATE_FILE, find_checkpoint, load_weights
 from mpmae.config import PretrainConfig, from_dict
-from mpmae.data.loaders import to_batch
 from mpmae.data.mmearth import MMEarthDataset
 from mpmae.export import fetched
 from mpmae.modalities import IMAGE_TASKS, MODALITIES, Selection
@@ -285,8 +284,9 @@ def _check_data(data: Path | str) -> None:
 def _reconstructions(model: MPMAE, config: PretrainConfig, data: Path | str, out_dir: Path, tiles: int,
                      split: str, seed: int) -> list[Path]:
     dataset = _open_split(data, split, model)
-    raw = to_batch(dataset.read_batch(np.arange(min(tiles, len(dataset)))))
+    raw = dataset.read_batch(np.arange(min(tiles, len(dataset))))
     tile_ids = raw.pop("id")
+    raw = {name: torch.from_numpy(values) for name, values in raw.items()}
     batch = center_crop(raw, config.data.crop_size)
     n, side = len(tile_ids), config.data.crop_size // model.patch_size
     mask = random_mask(n, side * side, model.config.mask_ratio, generator=torch.Generator().manual_seed(seed))

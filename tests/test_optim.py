@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mpmae.config import ConfigError, ModelConfig, OptimConfig, PretrainConfig, load_config
 from mpmae.models.mpmae import MPMAE
-from mpmae.optim import WarmupCosine, build_optimizer, param_groups
+from mpmae.optim import WarmupCosine, build_optimizer, fused_adamw_ok, keep_fused, param_groups
 from mpmae.train.step import NonFiniteLossError, StepGuard, forward_backward
 from mpmae.train.trainer import default_run_name
 
@@ -43,6 +44,32 @@ def test_weight_decay_spares_norms_biases_grn_and_mask_token() -> None:
     assert len(exempt["params"]) + len(decayed["params"]) == len(list(model.parameters()))
     assert decayed["weight_decay"] == 0.05 and exempt["weight_decay"] == 0.0
     assert "encoder.stages.0.0.pwconv1.weight" not in model.no_weight_decay()
+
+
+def test_adamw_is_fused_only_when_every_parameter_is_on_cuda() -> None:
+    model = _tiny_model()
+    optimizer = build_optimizer(model, OptimConfig(batch_size=2))
+    assert not optimizer.defaults["fused"]  # the CPU keeps the default path
+    layout = [([id(p) for p in g["params"]], g["weight_decay"]) for g in param_groups(model, 0.05)]
+    assert [([id(p) for p in g["params"]], g["weight_decay"]) for g in optimizer.param_groups] == layout
+    on_cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    assert fused_adamw_ok([on_cuda, on_cuda])
+    assert not fused_adamw_ok([on_cuda, torch.zeros(2)])
+    assert not fused_adamw_ok([torch.zeros(2, device="meta")]) and not fused_adamw_ok([])
+    assert not fused_adamw_ok([SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.int64)])
+
+
+def test_a_resumed_optimizer_takes_the_path_of_its_parameters_device() -> None:
+    """load_state_dict brings back the saving run's ``fused``; a GPU run's state resumed on the CPU is not fused."""
+    model = _tiny_model()
+    optimizer = build_optimizer(model, OptimConfig(batch_size=2))
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["fused"] = True  # as a GPU run saves it
+    optimizer.load_state_dict(state)
+    assert all(g["fused"] for g in optimizer.param_groups)
+    keep_fused(optimizer)
+    assert not any(g["fused"] for g in optimizer.param_groups)
 
 
 def _batch(n: int = 2) -> dict[str, torch.Tensor]:

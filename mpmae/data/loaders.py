@@ -1,17 +1,23 @@
-"""Loaders that deliver the canonical batch dict, and the aligned random crop.
+"""Loaders that deliver raw batches, and the aligned random crop.
 
-Every loader yields ``{modality: torch.Tensor (N, ...), "id": list[str]}``: the same keys, dtypes
-(float32 continuous with NaN for no data, int64 labels with -1 ignore) and shapes as
-:meth:`MMEarthDataset.read_batch`, as tensors. So the trainer does not care where a batch came from.
+The training feeds ship what the file stores (:meth:`MMEarthDataset.read_raw
+<mpmae.data.mmearth.MMEarthDataset.read_raw>`: its own dtypes, the selected bands, the per-tile Sentinel-2
+level ``s2_l2a``): a *raw batch* ``{modality: torch.Tensor (N, ...), "s2_l2a": bool (N,), "id": list[str]}``,
+"id" only when asked for. The training worker moves it to its device, crops it and normalises it there
+(:class:`~mpmae.data.normalize.Normalizer`); :func:`iter_ray_batches` does the last step on the CPU for
+callers that want the canonical batch of :meth:`MMEarthDataset.read_batch`.
 
 - :func:`ray_dataset`: a Ray Data pipeline over an MMEarth folder (:class:`MMEarthDatasource`: read tasks
   over contiguous runs of split positions, each read block by block through the batched h5 API) or over
   Parquet shards, local or streamed from an object store (Ray's own Parquet reader). Iterate it with
-  :func:`iter_ray_batches`, or pass :class:`RayBatchCollate` to ``iter_torch_batches`` (Ray cannot turn the
-  string ``id`` column into a tensor by itself).
-- :func:`ffcv_loader`: FFCV over local ``.beton`` shards, one FFCV ``Loader`` per shard.
+  :func:`iter_raw_batches` (Arrow blocks decoded by zero-copy views, :class:`RawArrowCollate`, then pinned and
+  copied to the device by Ray's prefetch threads) or :func:`iter_ray_batches`.
+- :func:`ffcv_loader`: FFCV over local ``.beton`` shards, one FFCV ``Loader`` per shard, built once a run.
 - :func:`aligned_random_crop`: one offset per sample, shared by all its pixel-level modalities
-  (docs/method.md, Encoder and masking).
+  (docs/method.md, Encoder and masking), on any dtype.
+
+Raw tensors may share read-only memory (Arrow buffers in Ray's object store, FFCV's reused batch buffers):
+nothing writes to them; the crop and the normalisation make new tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
@@ -28,27 +36,30 @@ import pyarrow as pa
 import ray.data
 import torch
 from ray.data.block import BlockMetadata
-from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
 
 import mpmae.storage as storage
 from mpmae.data.mmearth import MMEarthDataset
+from mpmae.data.normalize import S2_LEVEL_KEY, Normalizer
 from mpmae.data.shards import (
     BLOCK_ROWS,
     ShardError,
-    arrow_schema,
     batch_to_table,
+    dataset_schema,
     ffcv_field_modality,
+    ffcv_quiet,
     find_shards,
     open_shard_set,
     read_shard_metadata,
+    table_to_raw,
 )
 from mpmae.modalities import MODALITIES, ModalitySpec, Selection, resolve_selection
 
 TensorBatch = dict[str, Any]
 
 
-# -- the canonical batch ----------------------------------------------------------------------------
+# -- raw batches as tensors -------------------------------------------------------------------------
 
 
 def _ids(value: Any) -> list[str]:
@@ -61,31 +72,40 @@ def _ids(value: Any) -> list[str]:
 
 
 def _tensor(value: Any) -> torch.Tensor:
-    """A tensor that owns writable memory (Arrow and FFCV buffers are read-only or reused)."""
+    """A tensor over ``value``'s memory, no copy (read-only memory included: see the module docstring)."""
     if isinstance(value, torch.Tensor):
-        return value.clone()
-    array = np.asarray(value)
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+        return value
+    with warnings.catch_warnings():  # torch warns about read-only arrays, which nothing here writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(value))
 
 
-def to_batch(batch: Mapping[str, Any]) -> TensorBatch:
-    """Whatever a loader yields (Ray numpy or torch batches, FFCV fields) as the canonical batch dict:
-    ``{modality: torch.Tensor (N, ...), "id": list[str]}``, ``id`` last and only if present."""
-    out: TensorBatch = {key: _tensor(value) for key, value in batch.items() if key != "id"}
+def raw_tensors(batch: Mapping[str, Any]) -> TensorBatch:
+    """Whatever a loader yields (a raw numpy batch, FFCV fields) as a raw tensor batch: ``s2_l2a`` a bool (N,)
+    tensor, ``id`` (last, only if present) a list of str."""
+    out: TensorBatch = {key: _tensor(value) for key, value in batch.items() if key not in ("id", S2_LEVEL_KEY)}
+    if S2_LEVEL_KEY in batch:
+        out[S2_LEVEL_KEY] = _tensor(batch[S2_LEVEL_KEY]).reshape(-1).bool()
     if "id" in batch:
         out["id"] = _ids(batch["id"])
     return out
 
 
-class RayBatchCollate(NumpyBatchCollateFn):
-    """``collate_fn`` for ``iter_torch_batches`` that yields the canonical batch dict."""
+class RawArrowCollate(ArrowBatchCollateFn):
+    """``collate_fn`` for ``iter_torch_batches``: an Arrow batch of raw rows as a raw tensor batch, the tensors
+    viewing the block's buffers. Without ``id`` the result is a dict of tensors, which Ray pins and moves to
+    the device in its prefetch threads."""
 
     # Ray annotates the result with a TypeVar bound to nothing else (``CollatedData``): no override matches it.
-    def __call__(self, batch: dict[str, np.ndarray]) -> TensorBatch:  # type: ignore[override]
-        return to_batch(batch)
+    def __call__(self, batch: pa.Table) -> TensorBatch:  # type: ignore[override]
+        return raw_tensors(table_to_raw(batch))
 
 
 # -- Ray Data from an MMEarth folder ----------------------------------------------------------------
+
+#: Row runs (blocks) one read task reads at least: each Ray task pays its scheduling and start, and a task's
+#: runs are read one after another from one open h5.
+RUNS_PER_TASK = 8
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,20 +118,20 @@ def _read_blocks(root: str, split: str, selection: tuple[tuple[str, tuple[str, .
                  blocks: list[tuple[int, int]], schema: pa.Schema) -> Iterator[pa.Table]:
     dataset = _cached_dataset(root, split, selection)
     for start, stop in blocks:
-        yield batch_to_table(dataset.read_batch(np.arange(start, stop)), schema)
+        yield batch_to_table(dataset.read_raw(np.arange(start, stop)), schema)
 
 
 def _row_bytes(schema: pa.Schema) -> int:
-    """In-memory bytes of one row's tensor columns."""
+    """In-memory bytes of one row's fixed-size list columns."""
     return sum(
-        math.prod(f.type.shape) * f.type.value_type.byte_width
-        for f in schema if isinstance(f.type, pa.FixedShapeTensorType)
+        f.type.list_size * f.type.value_type.byte_width for f in schema if pa.types.is_fixed_size_list(f.type)
     )
 
 
 class MMEarthDatasource(Datasource):
-    """An MMEarth split as a Ray Data source: each read task covers runs of ``block_rows`` consecutive
-    split positions and yields one Arrow block per run, read with one batched h5 call per modality.
+    """An MMEarth split as a Ray Data source of raw rows: each read task covers runs of ``block_rows``
+    consecutive split positions and yields one Arrow block per run, read with one batched h5 call per
+    modality and no preprocessing (the workers normalise).
 
     With ``shuffle``, the runs are dealt to tasks in a random order (seeded by ``seed``); rows inside a
     run stay consecutive, so mix further with ``local_shuffle_buffer_size`` when iterating.
@@ -128,7 +148,8 @@ class MMEarthDatasource(Datasource):
         self.split = split
         self.selection = tuple(dataset.selection.items())
         self.num_rows = len(dataset)
-        schema = arrow_schema(dataset.selection, dataset.image_size, {})
+        self.normalizer = dataset.normalizer
+        schema = dataset_schema(dataset, {})
         self.schema = schema if include_id else schema.remove(schema.get_field_index("id"))
         self.row_bytes = _row_bytes(self.schema)
         self.block_rows = block_rows
@@ -148,7 +169,7 @@ class MMEarthDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         runs = self._runs()
-        num_tasks = max(1, min(parallelism, len(runs)))
+        num_tasks = max(1, min(parallelism, math.ceil(len(runs) / RUNS_PER_TASK)))
         tasks = []
         for group in np.array_split(np.arange(len(runs)), num_tasks):
             blocks = [runs[i] for i in group]
@@ -182,25 +203,45 @@ def _parquet_columns(where: str, stored: Selection, modalities: ModalitySpec | N
     return list(wanted)
 
 
-def _parquet_source(source: Path | str | Sequence[Path | str],
-                    split: str) -> tuple[list[str], Any, str, Selection, int | None]:
-    """The files to read (paths inside the filesystem when it is a store's), that filesystem (None: local),
-    where they are (for messages), the stored selection and image size: from a folder's manifest, or
-    from the first file's metadata for a list of shards."""
+@dataclass(frozen=True)
+class _ParquetSource:
+    """Parquet shards to read: the files (paths inside ``filesystem`` when it is a store's, None: local), where
+    they are (for messages) and what their manifest (or, for a list of shards, the first one's metadata) says."""
+
+    files: list[str]
+    filesystem: Any
+    where: str
+    metadata: Mapping[str, Any]
+
+    @property
+    def selection(self) -> Selection:
+        return {m: tuple(b) for m, b in self.metadata["selection"].items()}
+
+
+def _parquet_source(source: Path | str | Sequence[Path | str], split: str) -> _ParquetSource:
     if isinstance(source, (str, os.PathLike)):
         shards = open_shard_set(source, split, "parquet")
-        paths, where, stored, size = shards.paths, shards.folder, shards.selection, shards.image_size
+        paths, where, metadata = shards.paths, shards.folder, shards.manifest
     else:
         paths = find_shards(source, split, "parquet")
-        meta = read_shard_metadata(paths[0])
+        metadata = read_shard_metadata(paths[0])
         where = storage.parent_of(str(paths[0]))
-        stored = {m: tuple(b) for m, b in meta["selection"].items()}
-        size = None if meta.get("image_size") is None else int(meta["image_size"])
     if not isinstance(paths[0], str):
-        return [str(p) for p in paths], None, where, stored, size
+        return _ParquetSource([str(p) for p in paths], None, where, metadata)
     # The store's filesystem (endpoint and credentials of this environment) travels with Ray's read tasks.
     filesystem = storage.resolve(paths[0])[0]
-    return [storage.resolve(p)[1] for p in paths], filesystem, where, stored, size
+    return _ParquetSource([storage.resolve(p)[1] for p in paths], filesystem, where, metadata)
+
+
+def feed_normalizer(source: Path | str | Sequence[Path | str], split: str = "train",
+                    modalities: ModalitySpec | None = None) -> Normalizer:
+    """The normalisation of what :func:`ray_dataset` yields for the same arguments: the folder's band
+    statistics, or the one the shards' manifest records."""
+    if _is_mmearth_folder(source):
+        return MMEarthDataset(source, split, modalities or "all_mod").normalizer
+    parquet = _parquet_source(source, split)
+    stored = Normalizer.from_dict(parquet.metadata["normalization"])
+    return stored.subset(_parquet_columns(parquet.where, parquet.selection, modalities))
 
 
 def ray_dataset(
@@ -214,7 +255,8 @@ def ray_dataset(
     block_rows: int = BLOCK_ROWS,
     override_num_blocks: int | None = None,
 ) -> ray.data.Dataset:
-    """A Ray Dataset of preprocessed tiles from an MMEarth folder or from Parquet shards.
+    """A Ray Dataset of raw rows (the file's dtypes, ``s2_l2a`` with Sentinel-2) from an MMEarth folder or
+    from Parquet shards; :func:`feed_normalizer` gives their normalisation.
 
     ``source`` is an MMEarth folder (read through :class:`MMEarthDatasource`), a folder or object-store URI
     of Parquet shards (those of ``split`` that its manifest lists, checked) or a list of shard paths or
@@ -229,21 +271,22 @@ def ray_dataset(
         data = ray.data.read_datasource(datasource, override_num_blocks=override_num_blocks)
         row_bytes = datasource.row_bytes
     else:
-        files, filesystem, where, stored, image_size = _parquet_source(source, split)
-        columns = _parquet_columns(where, stored, modalities) + (["id"] if include_id else [])
+        parquet = _parquet_source(source, split)
+        columns = _parquet_columns(parquet.where, parquet.selection, modalities)
+        extra = ([S2_LEVEL_KEY] if "sentinel2" in columns else []) + (["id"] if include_id else [])
         file_shuffle: ray.data.FileShuffleConfig | Literal["files"] | None = (
             ray.data.FileShuffleConfig(seed=seed) if shuffle and seed is not None else ("files" if shuffle else None))
-        data = ray.data.read_parquet(files, filesystem=filesystem, shuffle=file_shuffle,
+        data = ray.data.read_parquet(parquet.files, filesystem=parquet.filesystem, shuffle=file_shuffle,
                                      override_num_blocks=override_num_blocks)
-        data = data.select_columns(columns)  # pushed down into the Parquet read
-        row_bytes = _row_bytes(arrow_schema(stored, image_size, {}))
-    # Ray's default 128 MiB blocks are ~250 tiles of 64 px: a few of them fill a small object store and
+        data = data.select_columns(columns + extra)  # pushed down into the Parquet read
+        row_bytes = _row_bytes(data.schema(fetch_if_missing=True).base_schema)
+    # Ray's default 128 MiB blocks are ~500 tiles of 64 px: a few of them fill a small object store and
     # spill. Blocks of ``block_rows`` keep the pipeline streaming (this dataset's context only).
     data.context.target_max_block_size = max(1, block_rows * row_bytes)
     return data
 
 
-def iter_ray_batches(
+def iter_raw_batches(
     data: ray.data.Dataset | ray.data.DataIterator,
     batch_size: int,
     *,
@@ -251,24 +294,42 @@ def iter_ray_batches(
     local_shuffle_buffer_size: int | None = None,
     local_shuffle_seed: int | None = None,
     prefetch_batches: int = 1,
+    device: str | torch.device = "cpu",
 ) -> Iterable[TensorBatch]:
-    """Canonical batches from a Ray Dataset or a Ray Train dataset shard."""
+    """Raw tensor batches from a Ray Dataset or a Ray Train dataset shard. Ray's prefetch threads decode them
+    and, for a CUDA ``device`` (datasets without ``id``), pin them and start their copy to the device."""
+    cuda = torch.device(device).type == "cuda"
     return data.iter_torch_batches(
         batch_size=batch_size,
-        collate_fn=RayBatchCollate(),
+        collate_fn=RawArrowCollate(),
         drop_last=drop_last,
         local_shuffle_buffer_size=local_shuffle_buffer_size,
         local_shuffle_seed=local_shuffle_seed,
         prefetch_batches=prefetch_batches,
+        device=device,
+        pin_memory=cuda,
     )
+
+
+def iter_ray_batches(data: ray.data.Dataset | ray.data.DataIterator, batch_size: int, normalizer: Normalizer,
+                     **options: Any) -> Iterator[TensorBatch]:
+    """Canonical batches (those of :meth:`MMEarthDataset.read_batch`, as tensors) from a Ray Dataset:
+    :func:`iter_raw_batches` (``options`` are its keywords) normalised with ``normalizer``."""
+    for raw in iter_raw_batches(data, batch_size, **options):
+        yield normalizer(raw)
 
 
 # -- FFCV -------------------------------------------------------------------------------------------
 
 
 class FFCVBatches:
-    """Canonical batches from FFCV ``.beton`` shards, shard after shard (in a new random order every
-    epoch with ``shuffle``; items shuffled within a shard too). A batch never spans two shards."""
+    """Raw tensor batches from FFCV ``.beton`` shards, shard after shard (in a new random order every
+    epoch with ``shuffle``; items shuffled within a shard too). A batch never spans two shards.
+
+    FFCV compiles each loader's pipeline when it first runs: build this once a run and iterate it every
+    epoch (:meth:`set_epoch` picks the epoch, so a resumed run draws the orders it would have drawn). A
+    batch's tensors are FFCV's buffers, valid until the next batch is drawn.
+    """
 
     def __init__(self, paths: Sequence[Path | str], batch_size: int, *, num_workers: int, shuffle: bool,
                  seed: int, drop_last: bool, os_cache: bool, modalities: Sequence[str] | None) -> None:
@@ -281,7 +342,9 @@ class FFCVBatches:
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
-        keep = None if modalities is None else {*modalities, "id"}
+        keep = None
+        if modalities is not None:
+            keep = {*modalities, "id", *([S2_LEVEL_KEY] if "sentinel2" in modalities else [])}
         self.loaders: list[Any] = []
         self.names: list[list[str]] = []
         for index, path in enumerate(self.paths):
@@ -293,23 +356,29 @@ class FFCVBatches:
                 for f, name in fields.items()
             }
             self.names.append([fields[f] for f, p in pipelines.items() if p is not None])
-            self.loaders.append(Loader(
-                str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
-                order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed + index,
-                drop_last=drop_last, pipelines=pipelines,
-            ))
+            order = OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL
+            with ffcv_quiet():
+                self.loaders.append(Loader(str(path), batch_size=batch_size, num_workers=num_workers,
+                                           os_cache=os_cache, order=order, seed=seed + index, drop_last=drop_last,
+                                           pipelines=pipelines))
 
     def __len__(self) -> int:
         return sum(len(loader) for loader in self.loaders)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch`` (its shard order and each shard's item order)."""
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[TensorBatch]:
         order = np.arange(len(self.loaders))
         if self.shuffle:
             order = np.random.default_rng((self.seed, self.epoch)).permutation(order)
+        for loader in self.loaders:
+            loader.next_epoch = self.epoch  # FFCV seeds a shard's item order with seed + epoch
         self.epoch += 1
         for index in order:
             for fields in self.loaders[index]:
-                yield to_batch(dict(zip(self.names[index], fields, strict=True)))
+                yield raw_tensors(dict(zip(self.names[index], fields, strict=True)))
 
 
 def ffcv_loader(
@@ -342,8 +411,14 @@ def ffcv_loader(
 # -- aligned random crop ----------------------------------------------------------------------------
 
 
+#: gather is not implemented for every unsigned type on every device: a same-size signed view moves the same bits.
+_SIGNED_VIEW = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
 def _crop_rows_cols(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Per sample, rows ``rows[n]`` then columns ``cols[n]`` of ``x`` (N, C, H, W): exact slicing."""
+    """Per sample, rows ``rows[n]`` then columns ``cols[n]`` of ``x`` (N, C, H, W): exact slicing, any dtype."""
+    if x.dtype in _SIGNED_VIEW:
+        return _crop_rows_cols(x.view(_SIGNED_VIEW[x.dtype]), rows, cols).view(x.dtype)
     n, c, _, w = x.shape
     size = rows.shape[1]
     x = x.gather(2, rows[:, None, :, None].expand(n, c, size, w))

@@ -5,16 +5,17 @@ A folder holds four files, found by pattern (docs/method.md, MMEarth data): ``da
 does at HEAD (docs/method.md: no-data to NaN, then z-score; label maps to class indices with -1 as ignore), with
 its bugs fixed: ESA WorldCover tree cover (class 0) is kept, and unknown label codes become -1.
 
-All preprocessing is vectorised over a batch in :func:`MMEarthDataset.read_batch`; the per-item path calls
-it with one index. The HDF5 file is opened lazily once per process, so a dataset object can be pickled to
-Ray workers or forked into loader processes.
+:meth:`MMEarthDataset.read_raw` reads a batch as stored (the file's dtypes); :meth:`MMEarthDataset.read_batch`
+adds the preprocessing, vectorised over the batch (:class:`mpmae.data.normalize.Normalizer`, which the training
+feeds run on the GPU instead); the per-item path calls it with one index. The HDF5 file is opened lazily once
+per process, so a dataset object can be pickled to Ray workers or forked into loader processes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpmae.modalities import Modality, ModalitySpec, Selection, class_lookup, get_modality, resolve_selection
+from mpmae.data.normalize import S2_LEVEL_KEY, BandStatsError, Normalizer, RawBatch
+from mpmae.modalities import Modality, ModalitySpec, Selection, get_modality, resolve_selection
 
 SPLITS = ("train", "val", "test")
 S2_TYPES = ("l1c", "l2a")
@@ -130,14 +132,6 @@ def _read_run(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
         ) from None
 
 
-@dataclass(frozen=True)
-class _Stats:
-    """Mean and std of the selected bands, shaped to broadcast against a (N, C, ...) batch."""
-
-    mean: np.ndarray
-    std: np.ndarray
-
-
 class MMEarthDataset:
     """An MMEarth v001 folder as a map-style dataset of ``{modality: array, "id": tile_id}`` dicts.
 
@@ -166,7 +160,7 @@ class MMEarthDataset:
         self._h5_pid: int | None = None
         self.num_tiles = self._validate_h5()
         self.rows = self._load_split(self.num_tiles)
-        self._stats = self._load_stats()
+        self.normalizer = self._load_normalizer()
 
     # -- validation ---------------------------------------------------------------------------------
 
@@ -223,22 +217,13 @@ class MMEarthDataset:
             )
         return rows
 
-    def _load_stats(self) -> dict[str, _Stats]:
-        """Band statistics of every z-scored modality, keyed by stats name (S2 by level)."""
-        band_stats = _load_json(self.files.band_stats)
-        stats: dict[str, _Stats] = {}
-        for name, bands in self.selection.items():
-            modality = get_modality(name)
-            if modality.encoding != "zscore":
-                continue
-            if name == "sentinel2":
-                keys = [f"sentinel2_{level}" for level in self._s2_levels_present()]
-            else:
-                assert modality.stats_key is not None
-                keys = [modality.stats_key]
-            for key in keys:
-                stats[key] = _select_stats(self.files.band_stats, band_stats, key, modality, bands)
-        return stats
+    def _load_normalizer(self) -> Normalizer:
+        """The selection's normalisation from the band statistics (checked for the selected bands)."""
+        try:
+            return Normalizer.from_band_stats(self.selection, _load_json(self.files.band_stats),
+                                              str(self.files.band_stats), self._s2_levels_present())
+        except BandStatsError as err:
+            raise MMEarthFormatError(str(err)) from None
 
     def _s2_levels_present(self) -> list[str]:
         """Processing levels that occur in tile_info: only their Sentinel-2 statistics must exist."""
@@ -273,20 +258,33 @@ class MMEarthDataset:
         return {key: value[0] for key, value in batch.items()}
 
     def read_batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
-        """Items ``indices`` (positions in the split) stacked: one h5 call per run of rows, then
-        vectorised preprocessing. Returns ``{modality: array (N, ...), "id": list[str]}``."""
+        """Items ``indices`` (positions in the split) stacked and preprocessed: :meth:`read_raw`, then the
+        normalisation. Returns ``{modality: array (N, ...), "id": list[str]}``."""
+        return self.normalizer.numpy(self.read_raw(indices))
+
+    def read_raw(self, indices: Sequence[int] | np.ndarray) -> RawBatch:
+        """Items ``indices`` as stored: ``{modality: array (N, ...) of the file's dtype, selected bands,
+        "s2_l2a": bool (N,) when Sentinel-2 is selected, "id": list[str]}``, one h5 call per run of rows.
+        :attr:`normalizer` turns it into the canonical batch (on the GPU, in a training worker)."""
         positions = np.asarray(indices, dtype=np.int64)
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"indices out of range for the {len(self)} tiles of split {self.split!r}")
         rows = self.rows[positions]
         ids = self.tile_ids(rows)
-        levels = self._s2_levels(ids)
-        batch: Batch = {}
+        batch: RawBatch = {}
         for name, bands in self.selection.items():
+            modality = get_modality(name)
             raw = _read_rows(h5_dataset(self.h5, name), rows)
-            batch[name] = self._preprocess(get_modality(name), bands, raw, levels)
+            batch[name] = raw[:, modality.band_indices(bands)] if len(bands) != len(modality.bands) else raw
+        if "sentinel2" in self.selection:
+            batch[S2_LEVEL_KEY] = self._s2_levels(ids)
         batch["id"] = ids
         return batch
+
+    @property
+    def raw_dtypes(self) -> dict[str, np.dtype]:
+        """The file's dtype of each selected modality (what :meth:`read_raw` returns)."""
+        return {name: h5_dataset(self.h5, name).dtype for name in self.selection}
 
     def tile_ids(self, rows: np.ndarray) -> list[str]:
         """Tile ids of h5 ``rows`` from ``metadata`` by position (field 0), whatever its compound layout."""
@@ -295,10 +293,8 @@ class MMEarthDataset:
             meta = meta[meta.dtype.names[0]]
         return [m.decode() if isinstance(m, bytes) else str(m) for m in meta]
 
-    def _s2_levels(self, ids: list[str]) -> np.ndarray | None:
+    def _s2_levels(self, ids: list[str]) -> np.ndarray:
         """Per tile, True for L2A: Sentinel-2 statistics depend on the processing level in tile_info."""
-        if "sentinel2" not in self.selection:
-            return None
         levels = []
         for tile_id in ids:
             info = self.tile_info.get(tile_id)
@@ -314,37 +310,6 @@ class MMEarthDataset:
                 )
             levels.append(level == "l2a")
         return np.asarray(levels)
-
-    def _preprocess(
-        self, modality: Modality, bands: tuple[str, ...], raw: np.ndarray, l2a: np.ndarray | None
-    ) -> np.ndarray:
-        raw = raw[:, modality.band_indices(bands)] if len(bands) != len(modality.bands) else raw
-        if modality.encoding == "label_map":
-            return class_lookup(modality, raw.dtype)[raw]
-        if modality.encoding == "one_hot":
-            return raw.astype(np.int64)
-        if modality.encoding == "raw":
-            out = raw.astype(np.int64)
-            out[raw == modality.no_data] = -1
-            return out
-        return self._zscore(modality, raw, l2a)
-
-    def _zscore(self, modality: Modality, raw: np.ndarray, l2a: np.ndarray | None) -> np.ndarray:
-        values = raw.astype(np.float32)
-        if modality.no_data is not None:
-            values[raw == modality.no_data] = np.nan
-        if modality.name == "sentinel2":
-            assert l2a is not None
-            l1c_stats = self._stats.get("sentinel2_l1c") or self._stats["sentinel2_l2a"]
-            l2a_stats = self._stats.get("sentinel2_l2a") or l1c_stats
-            pick = l2a.reshape((-1,) + (1,) * (raw.ndim - 1))
-            mean = np.where(pick, l2a_stats.mean, l1c_stats.mean)
-            std = np.where(pick, l2a_stats.std, l1c_stats.std)
-        else:
-            assert modality.stats_key is not None
-            stats = self._stats[modality.stats_key]
-            mean, std = stats.mean, stats.std
-        return ((values - mean) / std).astype(np.float32)
 
 
 def _check_side(h5_path: Path, name: str, shape: tuple[int, ...]) -> None:
@@ -371,53 +336,3 @@ def _check_dtype(h5_path: Path, modality: Modality, dtype: np.dtype) -> None:
         expected = f"a numeric type (registry: {modality.disk_dtype})"
     if not ok:
         raise MMEarthFormatError(f"{h5_path}: dataset {modality.name!r} has dtype {dtype}; expected {expected}")
-
-
-def _select_stats(
-    path: Path, band_stats: Mapping[str, Any], key: str, modality: Modality, bands: Iterable[str]
-) -> _Stats:
-    if key not in band_stats:
-        raise MMEarthFormatError(f"{path}: missing band statistics {key!r} for modality {modality.name!r}")
-    entry = band_stats[key]
-    arrays = {}
-    for field in ("mean", "std"):
-        values = entry.get(field) if isinstance(entry, Mapping) else None
-        if not _is_number_list(values, len(modality.bands)):
-            raise MMEarthFormatError(
-                f"{path}: {key}.{field} must list {len(modality.bands)} values "
-                f"(bands {list(modality.bands)}), found {_describe(values)}"
-            )
-        arrays[field] = np.asarray(values, dtype=np.float64)
-    index = modality.band_indices(list(bands))
-    mean, std = arrays["mean"][index], arrays["std"][index]
-    missing = [b for b, m, s in zip(bands, mean, std, strict=True) if not (np.isfinite(m) and np.isfinite(s))]
-    if missing:
-        raise MMEarthFormatError(
-            f"{path}: {key} has no finite mean/std for selected band(s) {missing}; deselect them"
-        )
-    flat = [(b, float(s)) for b, s in zip(bands, std, strict=True) if s <= 0]
-    if flat:
-        band, value = flat[0]
-        raise MMEarthFormatError(
-            f"{path}: {key}.std is {value} for band {band!r} (z-scoring divides by it: it must be > 0); "
-            f"fix the statistics or deselect the band"
-        )
-    shape = (1, len(index)) + ((1, 1) if modality.level == "pixel" else ())
-    return _Stats(mean.reshape(shape), std.reshape(shape))
-
-
-def _is_number_list(values: object, length: int) -> bool:
-    """A list of ``length`` plain numbers (JSON NaN and Infinity included; booleans not)."""
-    return (
-        isinstance(values, list)
-        and len(values) == length
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    )
-
-
-def _describe(value: object) -> str:
-    """A bounded description of a JSON value for an error message (never the repr of a large object)."""
-    if isinstance(value, (list, dict)):
-        return f"a {type(value).__name__} of {len(value)} item(s)"
-    text = repr(value)
-    return text if len(text) <= 40 else f"a {type(value).__name__}"

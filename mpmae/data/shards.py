@@ -1,17 +1,22 @@
 """Parquet and FFCV shards of an MMEarth split, for multi-node training (`mpmae shard`).
 
-Shards hold the *preprocessed* items (what :class:`~mpmae.data.mmearth.MMEarthDataset` returns), so a
-reader only decodes. Shard ``k`` of ``n`` is named ``{split}-{k:05d}-of-{n:05d}.{parquet|beton}``. The output
-folder may be local or an object-store URI (``s3://bucket/prefix``; see :mod:`mpmae.storage`).
+Shards hold the items *as stored* (what :meth:`MMEarthDataset.read_raw <mpmae.data.mmearth.MMEarthDataset.read_raw>`
+returns: the h5's own dtypes, the selected bands, and the per-tile Sentinel-2 level), so a reader only
+decodes and ships half the bytes of float32 values; the training workers normalise (on the GPU when there is
+one) with the :class:`~mpmae.data.normalize.Normalizer` that the metadata and manifest record. Shard ``k``
+of ``n`` is named ``{split}-{k:05d}-of-{n:05d}.{parquet|beton}``. The output folder may be local or an
+object-store URI (``s3://bucket/prefix``; see :mod:`mpmae.storage`).
 
-Parquet: one column per modality with Arrow's canonical ``arrow.fixed_shape_tensor`` extension type
-(storage: a fixed-size list of the flattened values, so any Arrow reader can decode it; the shape and
-dtype travel in the schema), plus a string column ``id``. The file's key-value metadata ``mpmae`` holds the
-selection (modality -> bands), the registry entries used, the image size, the band statistics and the
+Parquet: one column per modality, a plain fixed-size list of the flattened values in the file's dtype (any
+Arrow reader decodes it without an extension type; the field metadata holds ``shape`` and ``bands``), a bool
+column ``s2_l2a`` when Sentinel-2 is selected, and a string column ``id``. Decoding is a zero-copy view of the
+column's buffer (:func:`table_to_raw`). The file's key-value metadata ``mpmae`` holds the selection (modality ->
+bands), the registry entries used, the image size, the band statistics, the normalisation and the
 fingerprint of the run that wrote it. Rows are written one row group per read block, so memory is bounded
 by a block.
 
-FFCV: one ``NDArrayField`` per modality (FFCV needs fixed shapes) plus ``id`` as zero-padded UTF-8 bytes.
+FFCV: one ``NDArrayField`` per modality in the file's dtype (FFCV needs fixed shapes), ``s2_l2a`` as one byte,
+and ``id`` as zero-padded UTF-8 bytes.
 FFCV stores field names in 16 bytes, so long modality names are truncated on disk and mapped back by
 prefix (:func:`ffcv_field_modality`). FFCV's writer works from an indexable object in a forked process,
 so each shard is first read into memory (memory bounded by one shard) and a failure surfaces in this
@@ -52,6 +57,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,6 +72,7 @@ from tqdm import tqdm
 import mpmae.storage as storage
 from mpmae.atomic import atomic_write
 from mpmae.data.mmearth import Batch, MMEarthDataset
+from mpmae.data.normalize import S2_LEVEL_KEY, Normalizer, RawBatch
 from mpmae.modalities import MODALITIES, Modality, ModalitySpec, Selection, get_modality
 
 log = logging.getLogger(__name__)
@@ -75,7 +82,8 @@ ShardFormat = Literal["parquet", "ffcv"]
 ShardPaths = list[Path] | list[str]
 EXTENSIONS: dict[str, str] = {"parquet": "parquet", "ffcv": "beton"}
 METADATA_KEY = b"mpmae"
-FORMAT_VERSION = 1
+#: 2: the file's raw dtypes, normalised by the reader (1, refused now: preprocessed float32/int64 values).
+FORMAT_VERSION = 2
 #: Tiles read (and, for Parquet, written as one row group) per h5 call: ~30 MB of 64 px all_mod tiles.
 BLOCK_ROWS = 64
 DEFAULT_TILES_PER_SHARD = 512
@@ -106,63 +114,104 @@ def _first_line(err: BaseException) -> str:
 # -- item layout ------------------------------------------------------------------------------------
 
 
-def item_spec(selection: Selection, image_size: int | None) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """Per modality, the dtype and per-item shape that :class:`MMEarthDataset` delivers."""
+def raw_spec(selection: Selection, image_size: int | None,
+             dtypes: Mapping[str, np.dtype]) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Per column of a raw batch (modalities, then ``s2_l2a`` with Sentinel-2), its dtype and per-item shape."""
     spec: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
     for name, bands in selection.items():
-        modality = get_modality(name)
-        dtype = np.dtype(np.int64 if modality.is_label else np.float32)
-        if modality.level == "pixel":
+        if get_modality(name).level == "pixel":
             if image_size is None:
                 raise ValueError(f"pixel modality {name!r} needs an image size")
-            spec[name] = (dtype, (len(bands), image_size, image_size))
+            spec[name] = (np.dtype(dtypes[name]), (len(bands), image_size, image_size))
         else:
-            spec[name] = (dtype, (len(bands),))
+            spec[name] = (np.dtype(dtypes[name]), (len(bands),))
+    if "sentinel2" in selection:
+        spec[S2_LEVEL_KEY] = (np.dtype(bool), ())
     return spec
 
 
-def arrow_schema(selection: Selection, image_size: int | None, metadata: Mapping[str, Any]) -> pa.Schema:
-    """One fixed-shape tensor column per modality plus ``id``; ``metadata`` goes to the file metadata."""
-    fields = [
-        pa.field(
-            name,
-            pa.fixed_shape_tensor(pa.from_numpy_dtype(dtype), shape),
-            nullable=False,
-            metadata={b"bands": json.dumps(list(selection[name]))},
-        )
-        for name, (dtype, shape) in item_spec(selection, image_size).items()
-    ]
+def arrow_schema(spec: Mapping[str, tuple[np.dtype, tuple[int, ...]]], selection: Selection,
+                 metadata: Mapping[str, Any]) -> pa.Schema:
+    """One fixed-size list column per modality (shape and bands in its field metadata), ``s2_l2a``, ``id``;
+    ``metadata`` goes to the file metadata."""
+    fields = []
+    for name, (dtype, shape) in spec.items():
+        if name == S2_LEVEL_KEY:
+            fields.append(pa.field(name, pa.bool_(), nullable=False))
+            continue
+        described = {b"shape": json.dumps(list(shape)), b"bands": json.dumps(list(selection[name]))}
+        fields.append(pa.field(name, pa.list_(pa.from_numpy_dtype(dtype), math.prod(shape)), nullable=False,
+                               metadata=described))
     fields.append(pa.field("id", pa.string(), nullable=False))
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata)})
 
 
-def batch_to_table(batch: Batch, schema: pa.Schema) -> pa.Table:
-    """A stacked batch as an Arrow table of ``schema`` (zero-copy for contiguous arrays)."""
+def dataset_schema(dataset: MMEarthDataset, metadata: Mapping[str, Any]) -> pa.Schema:
+    """The Arrow schema of ``dataset``'s raw rows."""
+    return arrow_schema(raw_spec(dataset.selection, dataset.image_size, dataset.raw_dtypes), dataset.selection,
+                        metadata)
+
+
+def batch_to_table(batch: RawBatch, schema: pa.Schema) -> pa.Table:
+    """A raw batch as an Arrow table of ``schema`` (zero-copy for contiguous arrays)."""
     columns = []
     for field in schema:
         if field.name == "id":
             columns.append(pa.array(batch["id"], type=pa.string()))
             continue
         values = np.ascontiguousarray(batch[field.name])
-        column = pa.FixedShapeTensorArray.from_numpy_ndarray(values)
+        if field.name == S2_LEVEL_KEY:
+            columns.append(pa.array(values, type=pa.bool_()))
+            continue
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), field.type.list_size)
         if column.type != field.type:
             raise ValueError(f"modality {field.name!r}: got {column.type}, schema expects {field.type}")
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def table_to_batch(table: pa.Table) -> Batch:
-    """Decode an Arrow table of shard rows into ``{modality: ndarray (N, ...), "id": list[str]}``."""
-    batch: Batch = {}
+def column_shapes(schema: pa.Schema) -> dict[str, tuple[int, ...]]:
+    """Per-item shapes of a raw table's fixed-size list columns, from their field metadata."""
+    shapes = {}
+    for field in schema:
+        if pa.types.is_fixed_size_list(field.type):
+            if not field.metadata or b"shape" not in field.metadata:
+                raise ShardError(f"column {field.name!r} has no shape in its field metadata; not an mpmae shard")
+            shapes[field.name] = tuple(json.loads(field.metadata[b"shape"]))
+    return shapes
+
+
+def table_to_raw(table: pa.Table) -> RawBatch:
+    """A raw batch of a table of shard rows: ``{modality: ndarray (N, ...), "s2_l2a": bool (N,), "id": list}``.
+
+    Modalities are zero-copy, read-only views of the table's buffers when a column is one chunk (Arrow's
+    memory, possibly Ray's object store: never write to them); shapes come from the field metadata.
+    """
+    shapes = column_shapes(table.schema)
+    batch: RawBatch = {}
     for name in table.column_names:
         column = table.column(name)
         if name == "id":
             batch["id"] = column.to_pylist()
-        elif isinstance(column.type, pa.FixedShapeTensorType):
-            batch[name] = column.combine_chunks().to_numpy_ndarray()
+        elif name == S2_LEVEL_KEY:
+            batch[name] = column.to_numpy()
+        elif name in shapes:
+            array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            values = array.flatten().to_numpy(zero_copy_only=False)  # flatten honours a sliced array's offset
+            batch[name] = values.reshape(len(array), *shapes[name])
         else:
-            raise ShardError(f"column {name!r} has type {column.type}; expected a fixed-shape tensor")
+            raise ShardError(f"column {name!r} has type {column.type}; expected a fixed-size list of a modality")
     return batch
+
+
+def table_to_batch(table: pa.Table) -> Batch:
+    """A table of shard rows, normalised with the normalisation its ``mpmae`` metadata records: the batch
+    :meth:`MMEarthDataset.read_batch <mpmae.data.mmearth.MMEarthDataset.read_batch>` returns."""
+    metadata = table.schema.metadata or {}
+    if METADATA_KEY not in metadata:
+        raise ShardError(f"no {METADATA_KEY.decode()!r} metadata in the table; not written by mpmae shard")
+    normalizer = Normalizer.from_dict(json.loads(metadata[METADATA_KEY])["normalization"])
+    return normalizer.numpy(table_to_raw(table))
 
 
 # -- metadata ---------------------------------------------------------------------------------------
@@ -193,6 +242,7 @@ def shard_metadata(dataset: MMEarthDataset) -> dict[str, Any]:
         "selection": {name: list(bands) for name, bands in dataset.selection.items()},
         "registry": {name: _registry_entry(get_modality(name)) for name in dataset.selection},
         "band_stats": band_stats,
+        "normalization": dataset.normalizer.to_dict(),
     }
 
 
@@ -225,7 +275,20 @@ def read_shard_metadata(path: Path | str) -> dict[str, Any]:
     metadata = _parquet_footer(path).metadata or {}
     if METADATA_KEY not in metadata:
         raise ShardError(f"{path}: no {METADATA_KEY.decode()!r} metadata; not written by mpmae shard")
-    return json.loads(metadata[METADATA_KEY])
+    content = json.loads(metadata[METADATA_KEY])
+    _check_version(path, content)
+    return content
+
+
+def _check_version(where: Path | str, content: Mapping[str, Any]) -> None:
+    """Refuse a shard or manifest of another shard format, saying how to get this one."""
+    version = content.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardError(
+            f"{where}: shard format {version}, this mpmae reads format {FORMAT_VERSION} (the h5's own dtypes, "
+            f"normalised in the training workers; format 1 held preprocessed values): rewrite the set with "
+            f"`mpmae shard --overwrite`"
+        )
 
 
 # -- shard sets -------------------------------------------------------------------------------------
@@ -255,12 +318,13 @@ def _ffcv_header(path: Path | str) -> tuple[np.ndarray, list[str]] | None:
     """The header and field names of an FFCV file (read from its first bytes alone), None if it has none."""
     from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
 
-    raw = storage.read_bytes(path, limit=HeaderType.itemsize + (len(MODALITIES) + 1) * FieldDescType.itemsize)
+    most = len(MODALITIES) + 2  # every modality, s2_l2a and id
+    raw = storage.read_bytes(path, limit=HeaderType.itemsize + most * FieldDescType.itemsize)
     if len(raw) < HeaderType.itemsize:
         return None
     header = np.frombuffer(raw, dtype=HeaderType, count=1)[0]
     count = int(header["num_fields"])
-    if header["version"] != CURRENT_VERSION or count > len(MODALITIES) + 1:
+    if header["version"] != CURRENT_VERSION or count > most:
         return None
     if len(raw) < HeaderType.itemsize + count * FieldDescType.itemsize:
         return None
@@ -351,6 +415,7 @@ def open_shard_set(folder: Path | str, split: str = "train", format: ShardFormat
     manifest = _read_manifest(manifest_path, split, format)
     if manifest is None:
         raise ShardError(f"{manifest_path}: not a manifest mpmae shard wrote for {format} shards of split {split!r}")
+    _check_version(manifest_path, manifest)
     entries = [{"name": e} if isinstance(e, str) else e for e in manifest["shards"]]  # older FFCV sidecars
     if not entries or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
         raise ShardError(f"{manifest_path}: lists no shards")
@@ -406,7 +471,7 @@ def _write_parquet(dataset: MMEarthDataset, positions: range, path: Path, schema
     """Stream ``positions`` into one local Parquet file, one row group per block."""
     with _parquet_writer(path, schema) as writer:
         for block in _blocks(positions, BLOCK_ROWS):
-            writer.write_table(batch_to_table(dataset.read_batch(block), schema), row_group_size=len(block))
+            writer.write_table(batch_to_table(dataset.read_raw(block), schema), row_group_size=len(block))
             progress.update(len(block))
 
 
@@ -430,7 +495,7 @@ def _write_parquet_to_store(dataset: MMEarthDataset, positions: range, uri: str,
     try:
         writer = _parquet_writer(stream, schema)
         for block in _blocks(positions, BLOCK_ROWS):
-            table = batch_to_table(dataset.read_batch(block), schema)  # h5 errors pass as they are
+            table = batch_to_table(dataset.read_raw(block), schema)  # h5 errors pass as they are
             try:
                 writer.write_table(table, row_group_size=len(block))
             except OSError as err:
@@ -451,9 +516,17 @@ def _write_parquet_to_store(dataset: MMEarthDataset, positions: range, uri: str,
         raise
 
 
+@contextlib.contextmanager
+def ffcv_quiet() -> Iterator[None]:
+    """FFCV 1.0 predates torch's uint16 and warns at every uint16 field; torch 2.14 reads them as they are."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Pytorch currently doesn't support uint16")
+        yield
+
+
 def ffcv_field_modality(field_name: str) -> str:
     """The registry name (or ``id``) behind a possibly truncated FFCV field name."""
-    names = [n for n in (*MODALITIES, "id") if n[:FFCV_NAME_BYTES] == field_name]
+    names = [n for n in (*MODALITIES, S2_LEVEL_KEY, "id") if n[:FFCV_NAME_BYTES] == field_name]
     if len(names) != 1:
         raise ShardError(f"FFCV field {field_name!r} matches no single modality ({names})")
     return names[0]
@@ -478,13 +551,13 @@ class _ShardItems:
         return tuple(a[index] for a in self.arrays)
 
 
-def _read_shard(dataset: MMEarthDataset, positions: range, progress: tqdm) -> Batch:
-    """Read ``positions`` block by block into preallocated arrays (peak: one shard plus one block)."""
-    spec = item_spec(dataset.selection, dataset.image_size)
+def _read_shard(dataset: MMEarthDataset, positions: range, progress: tqdm) -> RawBatch:
+    """Read ``positions`` raw, block by block, into preallocated arrays (peak: one shard plus one block)."""
+    spec = raw_spec(dataset.selection, dataset.image_size, dataset.raw_dtypes)
     arrays = {name: np.empty((len(positions), *shape), dtype) for name, (dtype, shape) in spec.items()}
     ids: list[str] = []
     for block in _blocks(positions, BLOCK_ROWS):
-        batch = dataset.read_batch(block)
+        batch = dataset.read_raw(block)
         rows = slice(block[0] - positions.start, block[-1] - positions.start + 1)
         for name in arrays:
             arrays[name][rows] = batch[name]
@@ -499,7 +572,10 @@ def _write_ffcv(dataset: MMEarthDataset, positions: range, path: Path, progress:
 
     batch = _read_shard(dataset, positions, progress)
     batch["id"] = _encode_ids(batch["id"])
-    fields = {name[:FFCV_NAME_BYTES]: NDArrayField(dtype=a.dtype, shape=a.shape[1:]) for name, a in batch.items()}
+    if S2_LEVEL_KEY in batch:
+        batch[S2_LEVEL_KEY] = batch[S2_LEVEL_KEY].astype(np.uint8).reshape(-1, 1)  # FFCV: arrays of a fixed shape
+    with ffcv_quiet():
+        fields = {name[:FFCV_NAME_BYTES]: NDArrayField(dtype=a.dtype, shape=a.shape[1:]) for name, a in batch.items()}
     item_bytes = sum(a[0].nbytes for a in batch.values())
     # A whole item must fit in one FFCV page.
     page_size = max(FFCV_PAGE_BYTES, 1 << (item_bytes - 1).bit_length())
@@ -545,7 +621,7 @@ def _ffcv_problem(path: Path | str) -> str | None:
     if header is None:
         return "it is not an FFCV file of mpmae's layout"
     names = header[1]
-    known = {n[:FFCV_NAME_BYTES] for n in (*MODALITIES, "id")}
+    known = {n[:FFCV_NAME_BYTES] for n in (*MODALITIES, S2_LEVEL_KEY, "id")}
     if "id" not in names or not set(names) <= known:
         return "its fields are not mpmae's modalities and id"
     return None
@@ -582,7 +658,7 @@ def _check_manifest(path: Path | str, info: pafs.FileInfo | None, split: str, fo
 
 
 def _check_ffcv_names(selection: Iterable[str]) -> None:
-    truncated = [name[:FFCV_NAME_BYTES] for name in (*selection, "id")]
+    truncated = [name[:FFCV_NAME_BYTES] for name in (*selection, S2_LEVEL_KEY, "id")]
     if len(set(truncated)) != len(truncated):
         raise ValueError(f"modality names collide once truncated to FFCV's {FFCV_NAME_BYTES} bytes")
 
@@ -603,7 +679,7 @@ def _shard_writer(format: ShardFormat, dataset: MMEarthDataset, metadata: Mappin
                 atomic_write(target, lambda tmp: _write_ffcv(dataset, positions, tmp, bar))
 
         return write_ffcv
-    schema = arrow_schema(dataset.selection, dataset.image_size, metadata)
+    schema = dataset_schema(dataset, metadata)
 
     def write_parquet(positions: range, target: Path | str, bar: tqdm) -> None:
         if isinstance(target, str):

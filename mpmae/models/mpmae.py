@@ -50,7 +50,10 @@ def random_mask(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """(n, L) float mask, 1 = masked, with exactly `num_visible` zeros per row at random places."""
-    noise = torch.rand(n, num_patches, device=device, generator=generator)
+    if generator is None:  # torch.compile with dynamic shapes fails on rand(generator=None): sizes must be concrete
+        noise = torch.rand(n, num_patches, device=device)
+    else:
+        noise = torch.rand(n, num_patches, device=device, generator=generator)
     rank = noise.argsort(dim=1).argsort(dim=1)
     return (rank >= num_visible(num_patches, mask_ratio)).float()
 

@@ -1,6 +1,6 @@
 """What every Ray Train run here shares, pretraining and fine-tuning alike: its RunConfig (storage,
 retries, no retries of lasting errors), ``fit`` with readable errors, reports with checkpoints, and the
-worker-side settings (quiet report logs, channels-last weights)."""
+worker-side settings (quiet report logs, channels-last weights, torch.compile)."""
 
 from __future__ import annotations
 
@@ -143,6 +143,19 @@ def channels_last(model: Module) -> Module:
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             module.to(memory_format=torch.channels_last)
+    return model
+
+
+def compiled(model: Module, enabled: bool) -> Module:
+    """``model`` with its forward compiled by ``torch.compile`` when ``enabled``; in place, traced at the first call.
+
+    ``Module.compile`` rather than ``torch.compile(model)``: that wraps the model in an ``OptimizedModule``
+    whose state dict prefixes every key with ``_orig_mod.``, and checkpoints, resuming and ``unwrap`` want
+    the MPMAE's own keys. Compiled before DDP wraps it, the model still gets Dynamo's DDP graph splitting
+    (it looks for the DDP forward it runs under), which lets the gradient all-reduce overlap the backward.
+    """
+    if enabled:
+        model.compile()
     return model
 
 

@@ -22,6 +22,7 @@ from mpmae.checkpoint import plan_resume
 from mpmae.config import ConfigError, PretrainConfig, RunConfig, check_name, check_store, to_dict
 from mpmae.data.loaders import ray_dataset
 from mpmae.data.mmearth import MMEarthDataset
+from mpmae.data.normalize import Normalizer
 from mpmae.data.shards import open_shard_set
 from mpmae.evaluation.probe_task import load_probe_task
 from mpmae.modalities import PRESETS, resolve_selection
@@ -44,6 +45,8 @@ class DataSource:
     selection: dict[str, tuple[str, ...]]
     band_stats: dict[str, Any]
     name: str
+    #: The feed's normalisation (:meth:`Normalizer.to_dict`), which the workers apply on their device.
+    normalizer: dict[str, Any]
 
 
 def default_run_name(config: PretrainConfig, data_name: str) -> str:
@@ -87,7 +90,7 @@ def describe_data(config: PretrainConfig) -> DataSource:
         band_stats = json.loads(dataset.files.band_stats.read_text())
         stem = dataset.files.h5.stem
         source = DataSource(len(dataset), dataset.image_size or 0, dataset.selection, band_stats,
-                            _DATA_NAMES.get(stem, f"{stem.removeprefix('data_')}"))
+                            _DATA_NAMES.get(stem, f"{stem.removeprefix('data_')}"), dataset.normalizer.to_dict())
     else:
         source = _describe_shards(config)
     _check_source(config, source)
@@ -106,8 +109,11 @@ def _describe_shards(config: PretrainConfig) -> DataSource:
         if not storage.is_uri(where):
             raise
         raise ConfigError(f"data.path: {err}") from None
+    normalizer = Normalizer.from_dict(shards.manifest["normalization"])
+    wanted = [name for name in resolve_selection(config.model.targets) if name in normalizer.selection]
     return DataSource(shards.rows, shards.image_size or 0, dict(shards.selection), shards.manifest["band_stats"],
-                      storage.name_of(where) if storage.is_uri(where) else Path(where).name)
+                      storage.name_of(where) if storage.is_uri(where) else Path(where).name,
+                      normalizer.subset(wanted).to_dict())
 
 
 def _check_source(config: PretrainConfig, source: DataSource) -> None:
@@ -155,6 +161,7 @@ def build_trainer(config: PretrainConfig, source: DataSource, callbacks: Sequenc
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "rows": source.rows, "norm_stats": norm_stats(source),
+                           "normalizer": source.normalizer,
                            "run_name": name, "resume": plan_resume(run.storage, name)},
         scaling_config=scaling_config(run),
         run_config=train_run_config(run, name, callbacks),

@@ -32,11 +32,13 @@ from mpmae.checkpoint import (
     save_checkpoint,
 )
 from mpmae.config import PretrainConfig, from_dict
-from mpmae.data.loaders import aligned_random_crop, ffcv_loader, iter_ray_batches
+from mpmae.data.loaders import FFCVBatches, aligned_random_crop, ffcv_loader, iter_raw_batches
+from mpmae.data.normalize import Normalizer
 from mpmae.evaluation.probe_task import load_probe_task
+from mpmae.modalities import resolve_selection
 from mpmae.models.mpmae import MPMAE
-from mpmae.optim import WarmupCosine, apply_lr, build_optimizer
-from mpmae.runtime.run import channels_last, quiet_report_logs, report_with_checkpoint
+from mpmae.optim import WarmupCosine, apply_lr, build_optimizer, keep_fused
+from mpmae.runtime.run import channels_last, compiled, quiet_report_logs, report_with_checkpoint
 from mpmae.telemetry import RunMetrics
 from mpmae.train.step import LossMeter, StepGuard, forward_backward, unwrap
 
@@ -46,24 +48,34 @@ log = logging.getLogger(__name__)
 PREEMPTION_PATIENCE_S = 60.0
 
 
-def _batches(config: PretrainConfig, rank: int, world: int, epoch: int, per_worker: int,
-             rows: int, device: torch.device) -> tuple[Iterator[dict], int]:
-    """This rank's batches for one epoch and how many to take, equal on every rank (DDP needs that).
+def _ffcv_feed(config: PretrainConfig, rank: int, world: int, per_worker: int,
+               device: torch.device) -> tuple[FFCVBatches, int]:
+    """This rank's FFCV shards, built once a run (FFCV compiles a loader when it first runs), and the batches
+    an epoch takes: the smallest count over ranks (DDP needs equal steps)."""
+    from mpmae.data.shards import find_shards
 
-    Ray Data's streaming split hands each rank the same number of rows; FFCV shards are divided by
-    rank, so the count is the smallest over ranks.
+    paths = find_shards(config.data.path, config.data.split, "ffcv")[rank::world]
+    targets = list(resolve_selection(config.model.targets))
+    loader = ffcv_loader(paths, per_worker, shuffle=True, seed=config.run.seed + 1000 * rank, drop_last=True,
+                         num_workers=config.data.loader_workers, modalities=targets)
+    return loader, _all_reduce_min(len(loader), device)
+
+
+def _batches(config: PretrainConfig, ffcv: tuple[FFCVBatches, int] | None, rank: int, world: int, epoch: int,
+             per_worker: int, rows: int, device: torch.device) -> tuple[Iterator[dict], int]:
+    """This rank's raw batches for one epoch and how many to take, equal on every rank.
+
+    Ray Data's streaming split hands each rank the same number of rows; its batches arrive on ``device``.
     """
-    seed = config.run.seed + 1000 * epoch + rank
-    if config.data.format == "ffcv":
-        from mpmae.data.shards import find_shards
-
-        paths = find_shards(config.data.path, config.data.split, "ffcv")[rank::world]
-        loader = ffcv_loader(paths, per_worker, shuffle=True, seed=seed, drop_last=True,
-                             num_workers=config.data.loader_workers)
-        return iter(loader), _all_reduce_min(len(loader), device)
+    if ffcv is not None:
+        loader, count = ffcv
+        loader.set_epoch(epoch)
+        return iter(loader), count
     shard = ray.train.get_dataset_shard("train")
-    batches = iter_ray_batches(shard, per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
-                               local_shuffle_seed=seed)
+    buffer = config.data.shuffle_buffer_batches * per_worker or None
+    batches = iter_raw_batches(shard, per_worker, drop_last=True, local_shuffle_buffer_size=buffer,
+                               local_shuffle_seed=config.run.seed + 1000 * epoch + rank,
+                               prefetch_batches=config.data.prefetch_batches, device=device)
     return iter(batches), rows // world // per_worker
 
 
@@ -75,10 +87,11 @@ def _all_reduce_min(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
-def _prepare(batch: Mapping[str, Any], crop: int, generator: torch.Generator, device: torch.device) -> dict:
-    tensors = {k: v for k, v in batch.items() if k != "id"}
-    cropped = aligned_random_crop(tensors, crop, generator=generator)
-    return {k: v.to(device, non_blocking=True) for k, v in cropped.items()}
+def _prepare(raw: Mapping[str, Any], crop: int, generator: torch.Generator, device: torch.device,
+             normalizer: Normalizer) -> dict:
+    """A raw batch on ``device``, cropped, then normalised there (the GPU's work when there is one)."""
+    tensors = {k: v.to(device, non_blocking=True) for k, v in raw.items() if k != "id"}
+    return normalizer(aligned_random_crop(tensors, crop, generator=generator))
 
 
 def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -156,7 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.run.seed + rank)
     torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))  # intra-op threads = the CPUs Ray reserved
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(channels_last(MPMAE(config.model)),
+    model = ray.train.torch.prepare_model(compiled(channels_last(MPMAE(config.model)), config.run.compile),
                                           parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     core = unwrap(model)
     optimizer = build_optimizer(core, config.optim)
@@ -168,6 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with source.as_directory() as folder:
             file, payload = find_checkpoint(folder)
             state = restore(payload, core, optimizer, f"{source.path}/{file.name}")
+        keep_fused(optimizer)
         state.resumes.append({"step": state.step, "epoch": state.epoch, "batch": state.batch, "workers": world})
         log.info("rank %d resumed at epoch %d, batch %d, step %d", rank, state.epoch, state.batch, state.step)
 
@@ -183,18 +197,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     telemetry = RunMetrics(loop_config["run_name"], rank, skipped_steps=state.skipped_steps)
     checkpoints = _Checkpointer(core, optimizer, state, loop_config, rank, telemetry, config.run.async_upload)
     generator = torch.Generator().manual_seed(config.run.seed + rank)
+    normalizer = Normalizer.from_dict(loop_config["normalizer"])
+    ffcv = _ffcv_feed(config, rank, world, per_worker, device) if config.data.format == "ffcv" else None
     accum, every = config.optim.accum_steps, config.run.checkpoint_every_steps
     for epoch in range(state.epoch, config.optim.epochs):
         model.train()
-        meter, data_wait, samples, lr = LossMeter(), 0.0, 0, 0.0
+        meter, data_wait, samples, lr, first_batch_at = LossMeter(), 0.0, 0, 0.0, None
         start = time.perf_counter()
-        batches, iters_per_epoch = _batches(config, rank, world, epoch, per_worker, loop_config["rows"], device)
+        batches, iters_per_epoch = _batches(config, ffcv, rank, world, epoch, per_worker, loop_config["rows"], device)
         for _ in range(min(state.batch, iters_per_epoch)):  # what the checkpoint had done of this epoch
             next(batches)
         for it in range(state.batch, iters_per_epoch):
             tick = time.perf_counter()
             raw = next(batches)
-            batch = _prepare(raw, config.data.crop_size, generator, device)
+            first_batch_at = first_batch_at or time.perf_counter()
+            batch = _prepare(raw, config.data.crop_size, generator, device, normalizer)
             waited = time.perf_counter() - tick
             data_wait += waited
             if it % accum == 0:
@@ -231,6 +248,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **{f"weight/{t}": float(torch.exp(-v)) for t, v in core.log_vars.items()},
             "samples_per_s": samples / elapsed * world,
             "data_wait_s": data_wait,
+            # the feed's start-up each epoch (Ray Data starts its read tasks): a fixed cost, large on tiny epochs
+            "feed_startup_s": (first_batch_at or start) - start,
         }, device)
         metrics.update(epoch=epoch, epochs_done=state.epoch, step=state.step, lr=lr, skipped_steps=guard.skipped,
                        workers=world)

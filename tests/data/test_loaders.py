@@ -1,4 +1,4 @@
-"""Loaders deliver the canonical batch dict equal to MMEarthDataset; the aligned random crop."""
+"""Loaders deliver raw batches whose normalisation equals MMEarthDataset's batches; the aligned random crop."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from mpmae.data import MMEarthDataset
 from mpmae.data.loaders import (
     MMEarthDatasource,
     aligned_random_crop,
+    feed_normalizer,
     ffcv_loader,
+    iter_raw_batches,
     iter_ray_batches,
+    raw_tensors,
     ray_dataset,
-    to_batch,
 )
+from mpmae.data.normalize import S2_LEVEL_KEY
 from mpmae.data.shards import ShardError, write_shards
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.modalities import MODALITIES, PRESETS
@@ -78,20 +81,19 @@ def assert_equal_to(got: dict, expected: dict) -> None:
 # -- canonical batch --------------------------------------------------------------------------------
 
 
-def test_to_batch_normalises_ray_and_ffcv_outputs() -> None:
-    frozen = np.arange(6, dtype=np.float32).reshape(2, 3)
-    frozen.flags.writeable = False
-    ray_like = {"id": np.array(["a", "b"], dtype=object), "sentinel2": frozen}
-    batch = to_batch(ray_like)
-    assert batch["id"] == ["a", "b"] and batch["sentinel2"].dtype == torch.float32
-    batch["sentinel2"].add_(1)  # a copy: the read-only source is untouched
-    assert frozen[0, 0] == 0
-    ffcv_like = {"biome": torch.zeros(2, 14, dtype=torch.int64),
+def test_raw_tensors_view_ray_and_ffcv_outputs_without_copies() -> None:
+    frozen = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    frozen.flags.writeable = False  # Arrow's memory in Ray's object store
+    ray_like = {"sentinel2": frozen, S2_LEVEL_KEY: np.array([True, False]), "id": np.array(["a", "b"], dtype=object)}
+    batch = raw_tensors(ray_like)
+    assert list(batch) == ["sentinel2", S2_LEVEL_KEY, "id"] and batch["id"] == ["a", "b"]
+    assert batch["sentinel2"].dtype == torch.uint16 and batch["sentinel2"].data_ptr() == frozen.ctypes.data
+    ffcv_like = {"biome": torch.zeros(2, 14, dtype=torch.uint8),
+                 S2_LEVEL_KEY: torch.tensor([[1], [0]], dtype=torch.uint8),
                  "id": torch.tensor([[97, 0, 0], [98, 99, 0]], dtype=torch.uint8)}
-    batch = to_batch(ffcv_like)
-    assert batch["id"] == ["a", "bc"] and list(batch) == ["biome", "id"]
-    assert batch["biome"] is not ffcv_like["biome"]  # FFCV reuses its buffers
-    assert list(to_batch({"era5": torch.ones(2, 12)})) == ["era5"]
+    batch = raw_tensors(ffcv_like)
+    assert batch["id"] == ["a", "bc"] and batch["biome"] is ffcv_like["biome"]
+    assert torch.equal(batch[S2_LEVEL_KEY], torch.tensor([True, False]))  # FFCV's (N, 1) bytes as (N,) bools
 
 
 # -- aligned random crop ----------------------------------------------------------------------------
@@ -111,6 +113,19 @@ def coordinate_batch(n: int = 16, size: int = 64) -> dict:
         "biome": torch.eye(14, dtype=torch.int64)[torch.arange(n) % 14],
         "id": [str(i) for i in range(n)],
     }
+
+
+def test_aligned_crop_of_a_raw_batch_equals_the_crop_of_its_normalisation(synth: Path) -> None:
+    """The worker crops raw values (uint16, uint8, int16, ...) before normalising: same result as after."""
+    dataset = MMEarthDataset(synth)
+    raw = raw_tensors(dataset.read_raw(np.arange(8)))
+    raw.pop("id")
+    crop_raw = dataset.normalizer(aligned_random_crop(raw, 56, generator=torch.Generator().manual_seed(3)))
+    whole = dataset.normalizer(raw)
+    crop_whole = aligned_random_crop(whole, 56, generator=torch.Generator().manual_seed(3))
+    assert raw["sentinel2"].dtype == torch.uint16 and raw["esa_worldcover"].dtype == torch.uint8
+    for name in PRESETS["all_mod"]:
+        assert torch.equal(crop_raw[name].nan_to_num(-9), crop_whole[name].nan_to_num(-9)), name
 
 
 @pytest.mark.parametrize(("size", "crop"), [(64, 56), (128, 112)])
@@ -147,12 +162,13 @@ def test_aligned_crop_is_reproducible_and_checks_shapes() -> None:
 
 
 def test_datasource_read_tasks_cover_the_split_in_blocks(synth: Path) -> None:
-    source = MMEarthDatasource(synth, block_rows=5)
-    tasks = source.get_read_tasks(parallelism=3)
-    assert len(tasks) == 3 and sum(t.metadata.num_rows for t in tasks) == 32
+    source = MMEarthDatasource(synth, block_rows=2)
+    tasks = source.get_read_tasks(parallelism=3)  # 16 runs of 2 rows, at least RUNS_PER_TASK (8) a task
+    assert len(tasks) == 2 and [t.metadata.num_rows for t in tasks] == [16, 16]
     assert source.estimate_inmemory_data_size() == 32 * tasks[0].metadata.size_bytes // tasks[0].metadata.num_rows
+    assert len(MMEarthDatasource(synth, block_rows=1).get_read_tasks(parallelism=3)) == 3  # 32 runs
     blocks = [table for task in tasks for table in task()]
-    assert [b.num_rows for b in blocks] == [5, 5, 5, 5, 5, 5, 2]
+    assert [b.num_rows for b in blocks] == [2] * 16
     shuffled = MMEarthDatasource(synth, block_rows=5, shuffle=True, seed=1).get_read_tasks(parallelism=1)
     ids = [i for table in shuffled[0]() for i in table.column("id").to_pylist()]
     assert ids != sorted(ids) and sorted(ids) == sorted(i for b in blocks for i in b.column("id").to_pylist())
@@ -163,8 +179,9 @@ def test_datasource_read_tasks_cover_the_split_in_blocks(synth: Path) -> None:
 @pytest.mark.parametrize("source", ["folder", "parquet"])
 def test_ray_dataset_equals_mmearth_dataset(source: str, ray_cluster: object, synth: Path, parquet_dir: Path,
                                             expected: dict) -> None:
-    data = ray_dataset(synth if source == "folder" else parquet_dir, block_rows=8)
-    batches = list(iter_ray_batches(data, batch_size=10))
+    where = synth if source == "folder" else parquet_dir
+    data = ray_dataset(where, block_rows=8)
+    batches = list(iter_ray_batches(data, 10, feed_normalizer(where)))
     assert [len(b["id"]) for b in batches] == [10, 10, 10, 2]
     for batch in batches:
         assert_canonical(batch, list(PRESETS["all_mod"]))
@@ -177,8 +194,10 @@ def test_ray_dataset_options(ray_cluster: object, synth: Path, parquet_dir: Path
     subset = ["sentinel2", "biome"]
     for source in (synth, parquet_dir):
         data = ray_dataset(source, modalities=subset, include_id=False, shuffle=True, seed=0)
-        # without the string column, Ray's default collate works too; to_batch makes it canonical
-        batches = [to_batch(b) for b in data.iter_torch_batches(batch_size=16)]
+        raw = list(iter_raw_batches(data, 16))
+        assert list(raw[0]) == [*subset, S2_LEVEL_KEY] and raw[0]["sentinel2"].dtype == torch.uint16
+        normalizer = feed_normalizer(source, modalities=subset)
+        batches = [normalizer(b) for b in raw]
         assert list(batches[0]) == subset
         total = torch.cat([b["sentinel2"] for b in batches])
         assert total.shape == (32, 12, 64, 64)
@@ -195,7 +214,8 @@ def test_ffcv_loader_equals_mmearth_dataset(synth: Path, expected: dict, tmp_pat
     write_shards(synth, tmp_path, "ffcv", tiles_per_shard=20, progress=False)
     loader = ffcv_loader(tmp_path, batch_size=8)
     assert len(loader) == 3 + 2  # a batch never spans two shards (20 + 12 tiles)
-    batches = list(loader)
+    normalizer = MMEarthDataset(synth).normalizer
+    batches = [normalizer(b) for b in loader]  # new tensors: FFCV reuses its buffers
     for batch in batches:
         assert_canonical(batch, list(PRESETS["all_mod"]))
     assert_equal_to(collect(batches), expected)
@@ -220,3 +240,15 @@ def test_a_mid_epoch_resume_on_ffcv_takes_exactly_the_rest_of_the_epoch(synth: P
 
     whole, resumed = epoch_ids(0), epoch_ids(3)
     assert resumed == whole[3:] and len({i for b in whole for i in b}) == 4 * len(whole)
+
+
+def test_one_ffcv_loader_serves_every_epoch_and_replays_any(synth: Path, tmp_path: Path) -> None:
+    """The worker builds its FFCV loader once a run: an epoch's order depends only on (seed, epoch), so a run
+    resumed at epoch 2 draws what it would have drawn."""
+    write_shards(synth, tmp_path, "ffcv", tiles_per_shard=20, progress=False)
+    loader = ffcv_loader(tmp_path, batch_size=4, shuffle=True, seed=7, drop_last=True, modalities=["era5"])
+    epochs = [[i for b in loader for i in b["id"]] for _ in range(3)]
+    assert len({tuple(e) for e in epochs}) == 3 and all(sorted(e) == sorted(epochs[0]) for e in epochs)
+    resumed = ffcv_loader(tmp_path, batch_size=4, shuffle=True, seed=7, drop_last=True, modalities=["era5"])
+    resumed.set_epoch(2)
+    assert [i for b in resumed for i in b["id"]] == epochs[2]

@@ -11,12 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from mpmae.data import MMEarthDataset
+from mpmae.data.normalize import S2_LEVEL_KEY
 from mpmae.data.shards import (
     ShardError,
     ffcv_field_modality,
     find_shards,
     read_shard_metadata,
     table_to_batch,
+    table_to_raw,
     write_shards,
 )
 from mpmae.data.synth import write_synthetic_mmearth
@@ -66,20 +68,32 @@ def test_parquet_schema_and_metadata(mmearth10: Path, tmp_path: Path) -> None:
     (path,) = write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=10, progress=False)
     schema = pq.read_schema(path)
     s2 = schema.field("sentinel2")
-    assert isinstance(s2.type, pa.FixedShapeTensorType)
-    assert s2.type.shape == [12, 64, 64] and s2.type.value_type == pa.float32()
-    # any Arrow reader sees a fixed-size list of the flattened values
-    assert s2.type.storage_type == pa.list_(pa.float32(), 12 * 64 * 64)
-    assert schema.field("dynamic_world").type.value_type == pa.int64()
-    assert schema.field("id").type == pa.string()
+    # a plain fixed-size list of the h5's own dtype, which any Arrow reader decodes; the shape in the field
+    assert s2.type == pa.list_(pa.uint16(), 12 * 64 * 64)
+    assert json.loads(s2.metadata[b"shape"]) == [12, 64, 64]
     assert json.loads(s2.metadata[b"bands"]) == list(PRESETS["all_mod"]["sentinel2"])
+    assert schema.field("dynamic_world").type == pa.list_(pa.uint8(), 64 * 64)
+    assert schema.field("sentinel1").type.value_type == pa.float32()
+    assert schema.field(S2_LEVEL_KEY).type == pa.bool_() and schema.field("id").type == pa.string()
     meta = read_shard_metadata(path)
+    assert meta["format_version"] == 2
     assert meta["selection"] == {k: list(v) for k, v in PRESETS["all_mod"].items()}
     assert meta["image_size"] == 64 and meta["split"] == "train"
     assert meta["registry"]["sentinel1"]["no_data"] == "-inf"
     assert meta["registry"]["esa_worldcover"]["num_classes"] == 11
     stats = json.loads((mmearth10 / "data_synth_v001_64_band_stats.json").read_text())
     assert json.dumps(meta["band_stats"], sort_keys=True) == json.dumps(stats, sort_keys=True)  # NaN where NaN
+    assert meta["normalization"] == MMEarthDataset(mmearth10).normalizer.to_dict()
+    raw = table_to_raw(pq.read_table(path))
+    np.testing.assert_array_equal(raw["sentinel2"], MMEarthDataset(mmearth10).read_raw(np.arange(8))["sentinel2"])
+
+
+def test_shards_of_the_older_preprocessed_format_are_refused(mmearth10: Path, tmp_path: Path) -> None:
+    write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=10, progress=False)
+    manifest = tmp_path / "train-parquet.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 1}))
+    with pytest.raises(ShardError, match=r"shard format 1, this mpmae reads format 2 .* `mpmae shard --overwrite`"):
+        find_shards(tmp_path)
 
 
 def test_parquet_band_selection(synth: Path, tmp_path: Path) -> None:
@@ -100,10 +114,10 @@ def test_ffcv_shards_layout(mmearth10: Path, tmp_path: Path) -> None:
     assert [Reader(str(p)).num_samples for p in paths] == [6, 2]  # the 8 train tiles
     handlers = Reader(str(paths[0])).handlers
     names = [ffcv_field_modality(f) for f in handlers]
-    assert names == [*PRESETS["all_mod"], "id"]
-    assert handlers["sentinel2"].shape == (12, 64, 64) and handlers["sentinel2"].dtype == np.float32
-    assert handlers["canopy_height_et"].dtype == np.float32  # stored under FFCV's 16-byte name
-    assert handlers["esa_worldcover"].dtype == np.int64 and handlers["id"].dtype == np.uint8
+    assert names == [*PRESETS["all_mod"], S2_LEVEL_KEY, "id"]
+    assert handlers["sentinel2"].shape == (12, 64, 64) and handlers["sentinel2"].dtype == np.uint16
+    assert handlers["canopy_height_et"].dtype == np.int8  # the h5's dtype, under FFCV's 16-byte name
+    assert handlers["esa_worldcover"].dtype == np.uint8 and handlers["id"].dtype == np.uint8
     sidecar = json.loads((tmp_path / "train-ffcv.json").read_text())
     assert [(s["name"], s["rows"]) for s in sidecar["shards"]] == [(paths[0].name, 6), (paths[1].name, 2)]
     assert "band_stats" in sidecar and sidecar["rows"] == 8
@@ -141,15 +155,15 @@ def test_failed_shard_leaves_no_partial_file(format: str, mmearth10: Path, tmp_p
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Shard 0 completes, reading shard 1 fails: shard 0 is visible, shard 1 neither final nor .tmp."""
     calls = {"n": 0}
-    read_batch = MMEarthDataset.read_batch
+    read_raw = MMEarthDataset.read_raw
 
     def failing(self: MMEarthDataset, indices: np.ndarray) -> dict:
         calls["n"] += 1
         if calls["n"] > 1:
             raise OSError("disk on fire")
-        return read_batch(self, indices)
+        return read_raw(self, indices)
 
-    monkeypatch.setattr(MMEarthDataset, "read_batch", failing)
+    monkeypatch.setattr(MMEarthDataset, "read_raw", failing)
     with pytest.raises(OSError, match="disk on fire"):
         write_shards(mmearth10, tmp_path, format, tiles_per_shard=5, progress=False, parallel=False)
     ext = "parquet" if format == "parquet" else "beton"
@@ -215,15 +229,15 @@ def test_rerun_resumes_same_run_and_refuses_another(mmearth10: Path, tmp_path: P
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted run's shards are kept when this run is the same; a different run's refuse."""
     calls = {"n": 0}
-    read_batch = MMEarthDataset.read_batch
+    read_raw = MMEarthDataset.read_raw
 
     def failing(self: MMEarthDataset, indices: np.ndarray) -> dict:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("interrupted")
-        return read_batch(self, indices)
+        return read_raw(self, indices)
 
-    monkeypatch.setattr(MMEarthDataset, "read_batch", failing)
+    monkeypatch.setattr(MMEarthDataset, "read_raw", failing)
     with pytest.raises(OSError, match="interrupted"):
         write_shards(mmearth10, tmp_path, "parquet", tiles_per_shard=3, progress=False, parallel=False)
     first = tmp_path / "train-00000-of-00003.parquet"

@@ -15,7 +15,7 @@ import mpmae.storage as storage
 from mpmae.cli import main
 from mpmae.config import ConfigError, PretrainConfig, load_config
 from mpmae.data import MMEarthDataset
-from mpmae.data.loaders import ffcv_loader, iter_ray_batches, ray_dataset
+from mpmae.data.loaders import feed_normalizer, ffcv_loader, iter_ray_batches, ray_dataset
 from mpmae.data.shards import ShardError, find_shards, read_shard_metadata, table_to_batch, write_shards
 from mpmae.train.trainer import describe_data
 from tests.conftest import RayHead, S3Store
@@ -90,7 +90,7 @@ def test_ray_tasks_write_into_the_bucket_and_ray_data_streams_it(ray_cluster: Ra
     assert manifest_of(f"{out}-cli")["fingerprint"] == manifest_of(out)["fingerprint"]
     tasks = list_tasks(filters=[("name", "=", f"mpmae shard {NAMES3[0]}")])
     assert tasks and {t.node_id for t in tasks} == {ray.get_runtime_context().get_node_id()}  # the h5's node
-    batches = list(iter_ray_batches(ray_dataset(out, block_rows=4), batch_size=4))
+    batches = list(iter_ray_batches(ray_dataset(out, block_rows=4), 4, feed_normalizer(out)))
     ids = [i for b in batches for i in b["id"]]
     order = np.argsort(ids)
     got = {k: np.concatenate([b[k].numpy() for b in batches])[order] for k in batches[0] if k != "id"}
@@ -103,15 +103,15 @@ def test_an_interrupted_run_is_refused_then_resumed(s3: S3Store, mmearth10: Path
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     out = f"{s3.bucket()}/shards"
     reads = {"n": 0}
-    read_batch = MMEarthDataset.read_batch
+    read_raw = MMEarthDataset.read_raw
 
     def crashing(self: MMEarthDataset, indices: np.ndarray) -> dict:
         reads["n"] += 1
         if reads["n"] == 2:
             raise OSError("killed")
-        return read_batch(self, indices)
+        return read_raw(self, indices)
 
-    monkeypatch.setattr(MMEarthDataset, "read_batch", crashing)
+    monkeypatch.setattr(MMEarthDataset, "read_raw", crashing)
     with pytest.raises(OSError, match="killed"):
         write_shards(mmearth10, out, "parquet", tiles_per_shard=3, progress=False, parallel=False)
     assert sorted(storage.file_sizes(out)) == NAMES3[:1]  # the failed shard's object was removed, no manifest

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from mpmae.data import MMEarthDataset
 from mpmae.modalities import PRESETS
@@ -43,6 +44,20 @@ def test_reproduces_reference_loader_except_esa_tree_cover(tg64: Path, golden: d
                 np.testing.assert_array_equal(ours[~tree], ref[~tree])
             else:
                 np.testing.assert_array_equal(ours, ref, err_msg=f"tile {i} {name}")
+
+
+def test_the_workers_torch_normalisation_equals_the_golden_held_one(tg64: Path) -> None:
+    """Training workers normalise raw batches with torch on their device: bit for bit what read_batch gives."""
+    dataset = MMEarthDataset(tg64)
+    raw = dataset.read_raw(np.arange(10))
+    assert raw["sentinel2"].dtype == np.uint16 and raw["esa_worldcover"].dtype == np.uint8
+    tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in raw.items()}
+    got = dataset.normalizer(tensors)
+    expected = dataset.read_batch(np.arange(10))
+    assert list(got) == list(expected)
+    for name in PRESETS["all_mod"]:
+        assert got[name].numpy().dtype == expected[name].dtype, name
+        np.testing.assert_array_equal(got[name].numpy(), expected[name], err_msg=name)
 
 
 def test_label_remaps_and_ignore_values(tg64: Path) -> None:
