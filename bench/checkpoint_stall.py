@@ -7,7 +7,7 @@ is the time each checkpoint keeps the loop from its next step (write, then the r
 only the write when the upload runs in the background), as the run itself records it
 (``checkpoint_stall_s`` over ``checkpoints`` in its last report).
 
-    .venv/bin/python bench/checkpoint_stall.py [--tiles 160] [--every 2]
+    .venv/bin/python bench/checkpoint_stall.py [--quick] [--tiles 160] [--every 2]
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", type=int, default=160)
     parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="40 tiles: a smoke run")
     args = parser.parse_args()
+    if args.quick:
+        args.tiles = 40
     import ray
 
     from mpmae.runtime.instance import ensure_ray
@@ -88,7 +91,8 @@ def main() -> None:
     finally:
         server.terminate()
     print(json.dumps({"bench": "checkpoint_stall", "every_steps": args.every, "batch": BATCH,
-                      "sync_stall_s": round(figures["sync"], 3), "async_stall_s": round(figures["async"], 3)}))
+                      "sync_stall_s": round(figures["sync"], 3), "async_stall_s": round(figures["async"], 3),
+                      "tiles": args.tiles, "quick": args.quick}))
 
 
 if __name__ == "__main__":

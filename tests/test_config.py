@@ -198,11 +198,11 @@ def test_a_default_run_name_from_an_unsafe_data_file_name_is_refused(in_tmp: Pat
     from mpmae.train.trainer import DataSource, run_name
 
     config = load_config(PretrainConfig)
-    source = DataSource(rows=8, image_size=64, selection={}, band_stats={}, name="my data")
+    source = DataSource(rows=8, image_size=64, selection={}, band_stats={}, name="my data", normalizer={})
     with pytest.raises(ConfigError, match=r"^run\.name \(unset, so the default from the data's name\): "
                                           r"'pt-all_mod_atto_my data_uncertainty_56-8' is not a safe name"):
         run_name(config, source)
-    assert run_name(config, DataSource(8, 64, {}, {}, "1M_64")) == "pt-all_mod_atto_1M_64_uncertainty_56-8"
+    assert run_name(config, DataSource(8, 64, {}, {}, "1M_64", {})) == "pt-all_mod_atto_1M_64_uncertainty_56-8"
     assert run_name(load_config(PretrainConfig, None, ["run.name=mine"]), source) == "mine"
 
 
