@@ -66,10 +66,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", type=int, default=160)
     parser.add_argument("--every", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="40 tiles: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="80 tiles (4 steps, a checkpoint at step 2): a smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.tiles = 40
+        args.tiles = 80
     import ray
 
     from mpmae.runtime.instance import ensure_ray
