@@ -81,7 +81,7 @@ class Normalizer:
             keys = self._stats_keys(get_modality(name))
             if keys and not any(k in self.stats for k in keys):
                 raise BandStatsError(f"no band statistics for modality {name!r} (expected {' or '.join(keys)})")
-        self._tables: dict[tuple[str, torch.device, str], torch.Tensor] = {}
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     @staticmethod
     def _stats_keys(modality: Modality) -> list[str]:
@@ -125,7 +125,8 @@ class Normalizer:
         for name in self.selection:
             if name not in raw:
                 raise KeyError(f"raw batch lacks modality {name!r} (it holds {sorted(raw)})")
-            out[name] = self._normalise(get_modality(name), torch.as_tensor(raw[name]), raw.get(S2_LEVEL_KEY))
+            levels = self._levels(raw) if name == "sentinel2" else None
+            out[name] = self._normalise(get_modality(name), torch.as_tensor(raw[name]), levels)
         if "id" in raw:
             out["id"] = raw["id"]
         return out
@@ -148,7 +149,7 @@ class Normalizer:
                 shape = (1, -1) + (1,) * (values.ndim - 2)
                 mean, std = (np.asarray(self.stats[l1c][f]).reshape(shape) for f in ("mean", "std"))
                 if name == "sentinel2":
-                    pick = self._levels(raw).reshape((-1,) + (1,) * (values.ndim - 1))
+                    pick = np.asarray(self._levels(raw), dtype=bool).reshape((-1,) + (1,) * (values.ndim - 1))
                     mean = np.where(pick, np.asarray(self.stats[l2a]["mean"]).reshape(shape), mean)
                     std = np.where(pick, np.asarray(self.stats[l2a]["std"]).reshape(shape), std)
                 scored = ((values.astype(np.float64) - mean) / std).astype(np.float32)
@@ -180,8 +181,6 @@ class Normalizer:
         if modality.name != "sentinel2":
             assert modality.stats_key is not None
             return self._stat(modality.stats_key, device, ndim)
-        if l2a is None:
-            raise KeyError(f"a raw batch with sentinel2 needs {S2_LEVEL_KEY!r} (the tiles' processing levels)")
         l1c_key, l2a_key = self._s2_keys()
         pick = torch.as_tensor(l2a, device=device).bool().reshape((-1,) + (1,) * (ndim - 1))
         l1c_mean, l1c_std = self._stat(l1c_key, device, ndim)
@@ -194,29 +193,30 @@ class Normalizer:
         return l1c, "sentinel2_l2a" if "sentinel2_l2a" in self.stats else l1c
 
     @staticmethod
-    def _levels(raw: Mapping[str, Any]) -> np.ndarray:
+    def _levels(raw: Mapping[str, Any]) -> Any:
+        """The per-tile L2A flags of a raw batch with Sentinel-2, as the batch holds them (array or tensor)."""
         if S2_LEVEL_KEY not in raw:
             raise KeyError(f"a raw batch with sentinel2 needs {S2_LEVEL_KEY!r} (the tiles' processing levels)")
-        return np.asarray(raw[S2_LEVEL_KEY], dtype=bool)
+        return raw[S2_LEVEL_KEY]
 
     def _stat(self, key: str, device: torch.device, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = self._cached(("mean:" + key, device, str(ndim)),
-                            lambda: torch.tensor(self.stats[key]["mean"], dtype=torch.float64))
-        std = self._cached(("std:" + key, device, str(ndim)),
-                           lambda: torch.tensor(self.stats[key]["std"], dtype=torch.float64))
-        return mean.reshape((1, -1) + (1,) * (ndim - 2)), std.reshape((1, -1) + (1,) * (ndim - 2))
+        """Mean and std of statistics ``key`` on ``device``, shaped (1, C, 1, ...) for ``ndim``-d batches."""
+        shape = (1, -1) + (1,) * (ndim - 2)
+        mean = self._cached(f"mean:{key}", device, lambda: torch.tensor(self.stats[key]["mean"], dtype=torch.float64))
+        std = self._cached(f"std:{key}", device, lambda: torch.tensor(self.stats[key]["std"], dtype=torch.float64))
+        return mean.reshape(shape), std.reshape(shape)
 
     def _table(self, modality: Modality, raw: torch.Tensor) -> torch.Tensor:
         """The code -> class table of a label map, on the raw batch's device."""
         dtype = np.dtype(str(raw.dtype).removeprefix("torch."))
-        return self._cached((modality.name, raw.device, dtype.str),
+        return self._cached(f"{modality.name}:{dtype.str}", raw.device,
                             lambda: torch.from_numpy(class_lookup(modality, dtype)))
 
-    def _cached(self, key: tuple[str, torch.device, str], make: Any) -> torch.Tensor:
+    def _cached(self, name: str, device: torch.device, make: Any) -> torch.Tensor:
         """Small constant tensors, made once per device (no host-to-device copy per batch)."""
-        if key not in self._tables:
-            self._tables[key] = make().to(key[1])
-        return self._tables[key]
+        if (name, device) not in self._tables:
+            self._tables[name, device] = make().to(device)
+        return self._tables[name, device]
 
 
 def _is_number_list(values: object, length: int) -> bool:

@@ -114,42 +114,34 @@ def _first_line(err: BaseException) -> str:
 # -- item layout ------------------------------------------------------------------------------------
 
 
-def raw_spec(selection: Selection, image_size: int | None,
-             dtypes: Mapping[str, np.dtype]) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """Per column of a raw batch (modalities, then ``s2_l2a`` with Sentinel-2), its dtype and per-item shape."""
+def raw_spec(dataset: MMEarthDataset) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Per column of ``dataset``'s raw batches (modalities, then ``s2_l2a`` with Sentinel-2), its dtype and
+    per-item shape."""
     spec: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
-    for name, bands in selection.items():
-        if get_modality(name).level == "pixel":
-            if image_size is None:
-                raise ValueError(f"pixel modality {name!r} needs an image size")
-            spec[name] = (np.dtype(dtypes[name]), (len(bands), image_size, image_size))
-        else:
-            spec[name] = (np.dtype(dtypes[name]), (len(bands),))
-    if "sentinel2" in selection:
+    dtypes, size = dataset.raw_dtypes, dataset.image_size
+    for name, bands in dataset.selection.items():
+        pixel = get_modality(name).level == "pixel"
+        if pixel and size is None:
+            raise ValueError(f"pixel modality {name!r} needs an image size")
+        spec[name] = (np.dtype(dtypes[name]), (len(bands), size, size) if pixel and size else (len(bands),))
+    if "sentinel2" in dataset.selection:
         spec[S2_LEVEL_KEY] = (np.dtype(bool), ())
     return spec
 
 
-def arrow_schema(spec: Mapping[str, tuple[np.dtype, tuple[int, ...]]], selection: Selection,
-                 metadata: Mapping[str, Any]) -> pa.Schema:
-    """One fixed-size list column per modality (shape and bands in its field metadata), ``s2_l2a``, ``id``;
-    ``metadata`` goes to the file metadata."""
+def dataset_schema(dataset: MMEarthDataset, metadata: Mapping[str, Any]) -> pa.Schema:
+    """The Arrow schema of ``dataset``'s raw rows: one fixed-size list column per modality (shape and bands in
+    its field metadata), ``s2_l2a``, ``id``; ``metadata`` goes to the file metadata."""
     fields = []
-    for name, (dtype, shape) in spec.items():
+    for name, (dtype, shape) in raw_spec(dataset).items():
         if name == S2_LEVEL_KEY:
             fields.append(pa.field(name, pa.bool_(), nullable=False))
             continue
-        described = {b"shape": json.dumps(list(shape)), b"bands": json.dumps(list(selection[name]))}
+        described = {b"shape": json.dumps(list(shape)), b"bands": json.dumps(list(dataset.selection[name]))}
         fields.append(pa.field(name, pa.list_(pa.from_numpy_dtype(dtype), math.prod(shape)), nullable=False,
                                metadata=described))
     fields.append(pa.field("id", pa.string(), nullable=False))
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata)})
-
-
-def dataset_schema(dataset: MMEarthDataset, metadata: Mapping[str, Any]) -> pa.Schema:
-    """The Arrow schema of ``dataset``'s raw rows."""
-    return arrow_schema(raw_spec(dataset.selection, dataset.image_size, dataset.raw_dtypes), dataset.selection,
-                        metadata)
 
 
 def batch_to_table(batch: RawBatch, schema: pa.Schema) -> pa.Table:
@@ -553,7 +545,7 @@ class _ShardItems:
 
 def _read_shard(dataset: MMEarthDataset, positions: range, progress: tqdm) -> RawBatch:
     """Read ``positions`` raw, block by block, into preallocated arrays (peak: one shard plus one block)."""
-    spec = raw_spec(dataset.selection, dataset.image_size, dataset.raw_dtypes)
+    spec = raw_spec(dataset)
     arrays = {name: np.empty((len(positions), *shape), dtype) for name, (dtype, shape) in spec.items()}
     ids: list[str] = []
     for block in _blocks(positions, BLOCK_ROWS):
