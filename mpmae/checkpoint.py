@@ -86,30 +86,35 @@ def reporting_full_disk(path: Path | str, doing: str) -> Iterator[None]:
         raise StorageFullError(errno.ENOSPC, f"No space left on device while {doing}", str(path)) from None
 
 
-def check_plain(value: Any, where: str) -> None:
-    """Refuse what ``torch.load(weights_only=True)`` would refuse, naming where it sits in ``where``."""
+def check_plain(value: Any, where: str, allowed: Collection[type] = ()) -> None:
+    """Refuse what ``torch.load(weights_only=True)`` would refuse, naming where it sits in ``where``;
+    instances of ``allowed`` (data holders such as ``argparse.Namespace``) pass if their attributes do."""
     if type(value) in _PLAIN or isinstance(value, torch.Tensor):
         return
-    if type(value) in (dict, OrderedDict):
+    if type(value) in allowed:
+        if hasattr(value, "__dict__"):
+            check_plain(vars(value), where, allowed)
+    elif type(value) in (dict, OrderedDict):
         for key, item in value.items():
             if not isinstance(key, str | int):
                 raise TypeError(f"{where}: key {key!r} is not a str or int")
-            check_plain(item, f"{where}[{key!r}]")
+            check_plain(item, f"{where}[{key!r}]", allowed)
     elif type(value) in (list, tuple):
         for i, item in enumerate(value):
-            check_plain(item, f"{where}[{i}]")
+            check_plain(item, f"{where}[{i}]", allowed)
     else:
         raise TypeError(f"{where}: a {type(value).__name__} is neither a tensor nor a plain value "
                         "(a checkpoint must load with weights_only=True)")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path, allowed: Collection[type] = ()) -> None:
     """``torch.save``, atomically: a crash or a full disk never leaves a half-written file.
 
-    Only tensors and plain values are accepted. The file is written through a Python file object, so a
-    full disk raises ``OSError(ENOSPC)`` (torch's own writer reports only "unexpected pos").
+    Only tensors and plain values are accepted, and instances of ``allowed`` (which a reader then has to
+    allow too, see :func:`load_file`). The file is written through a Python file object, so a full disk
+    raises ``OSError(ENOSPC)`` (torch's own writer reports only "unexpected pos").
     """
-    check_plain(obj, path.name)
+    check_plain(obj, path.name, allowed)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
@@ -197,18 +202,23 @@ def _short_reason(err: BaseException) -> str:
     return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
-def load_file(file: Path | str) -> Any:
-    """The content of a file written by ``torch.save``, loaded with ``weights_only=True`` (no code runs)."""
+def load_file(file: Path | str, allowed: Collection[type] = ()) -> Any:
+    """The content of a file written by ``torch.save``, loaded with ``weights_only=True`` (no code runs).
+
+    ``allowed``: classes the file may hold beyond tensors and plain containers, each a plain data holder
+    (``argparse.Namespace``, a path); any other class is refused with an error naming the file and it.
+    """
     file = Path(file)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if found:
-            raise CheckpointError(
-                f"{file}: refused to load: it tries to load {found.group(1)!r}, which is not a tensor or plain "
-                "container (not an mpmae checkpoint, or tampered with)"
-            ) from None
+            names = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in allowed)
+            kinds = f"a tensor, plain container or one of {names}" if allowed else "a tensor or plain container"
+            raise CheckpointError(f"{file}: refused to load: it tries to load {found.group(1)!r}, which is not "
+                                  f"{kinds} (loading it could run code: a foreign file, or tampered with)") from None
         reason = _file_kind(file) or _short_reason(err)
     except FileNotFoundError:
         raise

@@ -27,6 +27,7 @@ typical workflow:
   mpmae shard runs/demo-data runs/shards      optional: Parquet or FFCV shards for faster loading
   mpmae pretrain --config configs/demo.yaml   pretrain; key=value overrides follow, e.g. optim.epochs=10
   mpmae export runs/demo runs/demo-export     the encoder and its model card
+  mpmae import checkpoint-199.pth runs/mm     or: a released MMEarth checkpoint as an export
   mpmae probe --checkpoint runs/demo-export --task land_cover --data runs/demo-data
   mpmae finetune --config configs/linear_probe_so2sat.yaml encoder=runs/demo-export
   mpmae tune --config configs/tune_demo.yaml  a Ray Tune sweep of pretraining configs
@@ -104,10 +105,17 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from mpmae.export import export_encoder
+    from mpmae.export import export_encoder, export_files
 
-    out = export_encoder(args.checkpoint, args.out)
-    print(f"wrote the encoder and its model card to {out}")
+    out = export_encoder(args.checkpoint, args.out, layout=args.layout)
+    print(f"wrote {', '.join(export_files(args.layout))} to {out}")
+
+
+def _import(args: argparse.Namespace) -> None:
+    from mpmae.export import export_files, import_reference
+
+    out = import_reference(args.file, args.out)
+    print(f"wrote {', '.join(export_files())} to {out}")
 
 
 def _visualize(args: argparse.Namespace) -> None:
@@ -231,7 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
                                            "checkpoint); a path or a URI such as s3://bucket/runs/demo")
     export.add_argument("out", help="the export folder, a path or a URI (an existing export there is never "
                                     "overwritten)")
+    export.add_argument("--layout", choices=("mpmae", "mmearth"), default="mpmae",
+                        help="mmearth: also write mmearth.pth, the encoder in the original MMEarth project's "
+                             "checkpoint layout (for its fine-tuning code)")
     export.set_defaults(run=_export)
+
+    import_ = commands.add_parser(
+        "import", help="turn a checkpoint of the original MMEarth project into an encoder export",
+        description="Write the encoder of a checkpoint of the original MMEarth project (vishalned/MMEarth-train, "
+                    "such as a released checkpoint-199.pth; dense or MinkowskiEngine weights) as an export folder "
+                    "with a model card, as mpmae export does. The architecture comes from the file's weights "
+                    "(checked against its args); it is loaded without running code from it.")
+    import_.add_argument("file", help="the checkpoint file, a path or a URI")
+    import_.add_argument("out", help="the export folder, a path or a URI (an existing export there is never "
+                                     "overwritten)")
+    import_.set_defaults(run=_import)
 
     visualize = commands.add_parser("visualize", help="reconstruction PNGs and loss curves of a checkpoint")
     visualize.add_argument("checkpoint", help="a checkpoint folder or state.pt, or a run folder; a path or a URI")
@@ -249,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = commands.add_parser("probe", help="quick in-process linear probes of encoders, side by side")
     probe.add_argument("--checkpoint", action="append", default=[],
-                       help="an export folder, checkpoint or run folder, a path or a URI (repeatable)")
+                       help="an export folder, checkpoint or run folder, or a checkpoint file of the original "
+                            "MMEarth project; a path or a URI (repeatable)")
     probe.add_argument("--random", action="store_true", help="also probe a randomly initialised encoder")
     probe.add_argument("--task", required=True, help="a GEO-Bench task, or land_cover (needs --data)")
     probe.add_argument("--data", type=Path, help="MMEarth folder for the held-out land_cover task")

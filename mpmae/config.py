@@ -381,6 +381,17 @@ class ProbeConfig:
 
 
 @dataclasses.dataclass
+class TrackingConfig:
+    """Experiment tracking (:mod:`mpmae.tracking`): an MLflow run on the server in ``MLFLOW_TRACKING_URI``,
+    TensorBoard event files under the run folder (or its bucket prefix), or both."""
+
+    mlflow: bool = False
+    tensorboard: bool = False
+    #: The MLflow experiment; unset: ``MLFLOW_EXPERIMENT_NAME``, else ``mpmae``.
+    experiment: str | None = None
+
+
+@dataclasses.dataclass
 class PretrainConfig:
     """A whole pretraining run (``configs/*.yaml``)."""
 
@@ -389,6 +400,7 @@ class PretrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         """Cross-field checks that need no data; :func:`mpmae.train.trainer.check_data` does the rest.
@@ -519,8 +531,9 @@ def check_task_weights(
 class FinetuneConfig:
     """A GEO-Bench evaluation run (docs/method.md): linear probe or fine-tune, U-Net for segmentation tasks.
 
-    ``encoder`` is an `mpmae export` folder, a pretraining checkpoint or run folder (a path or a URI), or
-    null for a randomly initialised ``arch`` / ``patch_size`` encoder; ``run.storage_path`` may be a URI.
+    ``encoder`` is an `mpmae export` folder, a pretraining checkpoint or run folder, a checkpoint file of the
+    original MMEarth project (each a path or a URI), or null for a randomly initialised ``arch`` /
+    ``patch_size`` encoder; ``run.storage_path`` may be a URI.
     lr = blr x batch_size / 256. The same object drives :class:`mpmae.finetune.finetune.Finetuner`, which
     takes the task's kind and classes beside it.
     """
@@ -544,6 +557,7 @@ class FinetuneConfig:
     freeze_epochs: int = 0
     select: Literal["last", "best_val"] = "last"
     run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(num_workers=1))
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     @property
     def lr(self) -> float:
@@ -631,6 +645,8 @@ class SweepConfig:
     max_failures: int = 1
     search_alg: SearchAlgConfig = dataclasses.field(default_factory=SearchAlgConfig)
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    #: The sweep's run and, nested under it, one per trial (the trials track as the sweep does).
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         check_name(self.name, "name")

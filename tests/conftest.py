@@ -1,4 +1,5 @@
-"""Shared test fixtures: the session's S3-compatible store and multi-node Ray cluster, a tiny encoder.
+"""Shared test fixtures: the session's S3-compatible store, multi-node Ray cluster and MLflow server, a tiny
+encoder.
 (External material: tests/external/conftest.py.)"""
 
 from __future__ import annotations
@@ -212,17 +213,38 @@ def ray_node(ray_cluster: RayHead) -> Iterator[Callable[..., RayNode]]:
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
-    """Wait until the head's dashboard (started last) accepts connections."""
+    """Wait until a server (the Ray head's dashboard, started last; moto; MLflow) accepts connections."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"`ray start --head` exited with status {process.returncode}")
+            raise RuntimeError(f"{process.args[0]} exited with status {process.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"the Ray head's dashboard did not open port {port} within {timeout} s")
+    raise TimeoutError(f"{process.args[0]} did not open port {port} within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An MLflow tracking server on a free loopback port (`mlflow server`, sqlite store, artifacts proxied
+    into a temporary folder); yields its URI. Tests put it in ``MLFLOW_TRACKING_URI`` themselves."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    with (root / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [mlflow_cli, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+        )
+    try:
+        _wait_for_port(port, server, timeout=120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(server)
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_launcher_files_keep_the_kit_rules() -> None:
         head = config["available_node_types"][config["head_node_type"]]
         assert head["resources"] == {"CPU": 0, "GPU": 0}
         assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
-        assert any("pip install -q -e '.[ffcv]'" in c for c in config["setup_commands"])
+        assert any("pip install -q -e '.[ffcv,tracking]'" in c for c in config["setup_commands"])
         assert config["file_mounts"]["~/mpmae"] == "."
         assert "0.0.0.0" not in yaml.safe_dump(config)  # no open CIDR, no dashboard on all interfaces
 

@@ -16,9 +16,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mpmae"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("mpmae.atomic", "mpmae.storage", "mpmae.modalities", "mpmae.tasks", "mpmae.architectures", "mpmae.tables"),
     ("mpmae.config",),
-    ("mpmae.data", "mpmae.pretext_losses", "mpmae.telemetry"),
+    ("mpmae.data", "mpmae.pretext_losses", "mpmae.telemetry", "mpmae.tracking"),
     ("mpmae.models",),
-    ("mpmae.optim", "mpmae.checkpoint"),
+    ("mpmae.optim", "mpmae.checkpoint", "mpmae.reference_checkpoint"),
     ("mpmae.export",),
     ("mpmae.evaluation",),
     ("mpmae.runtime",),

@@ -3,14 +3,16 @@
 A run trains on the task's train split (each rank a `DistributedSampler` share), evaluates the val
 split after every epoch (each rank a disjoint share, counts summed over ranks), reports every epoch with
 a checkpoint from rank 0, and finally scores the test split with the weights the config's ``select``
-rule picks. The results JSON and the printed table come from the driver. The encoder and the run storage
-may be URIs (``s3://...``): Ray Train writes the checkpoints there, the driver ``results.json``.
+rule picks. The results JSON and the printed table come from the driver. With tracking on, rank 0 logs
+each epoch's train and val metrics, the driver the test metrics and ``results.json``. The encoder and the
+run storage may be URIs (``s3://...``): Ray Train writes the checkpoints there, the driver ``results.json``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from mpmae.finetune.finetune import Finetuner, evaluate
 from mpmae.models import Classifier, UNet
 from mpmae.runtime.run import channels_last, quiet_report_logs, report_with_checkpoint
 from mpmae.tasks import get_task
+from mpmae.tracking import Tracker, open_run
 
 STATE_FILE = "finetune.pt"
 STATE_KEYS = ("finetuner", "history", "best", "config")
@@ -76,12 +79,15 @@ def finetune_loop(loop_config: dict[str, Any]) -> None:
         finetuner.load_state_dict(state["finetuner"])
         history, best = state["history"], state["best"]
     fine = finetuner.config
+    tracker = Tracker(loop_config.get("tracking")) if rank == 0 else None  # at epoch ends only
     while finetuner.epoch < fine.epochs:
         assert isinstance(train.sampler, DistributedSampler)
         train.sampler.set_epoch(finetuner.epoch)
         row = {f"train_{k}": v for k, v in finetuner.train_epoch(train).items()}
         row.update({f"val_{k}": v for k, v in _evaluate(finetuner, evals["val"]).items()}, epoch=finetuner.epoch - 1)
         history.append(row)
+        if tracker is not None:
+            tracker.log_metrics(row, row["epoch"] + 1)
         if fine.select == "best_val" and row["val_metric"] > best["metric"]:
             best = {"metric": row["val_metric"], "epoch": row["epoch"],
                     "model": copy.deepcopy(finetuner.model.state_dict())}
@@ -96,6 +102,8 @@ def finetune_loop(loop_config: dict[str, Any]) -> None:
              "history": history}
     _report(final, rank, {"finetuner": finetuner.state_dict(), "history": history, "best": best,
                           "config": loop_config["config"]}, "final", config.run.async_upload)
+    if tracker is not None:
+        tracker.close()
 
 
 def _evaluate(finetuner: Finetuner, loader: DataLoader) -> dict[str, float]:
@@ -142,20 +150,41 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     if storage.exists(results_path):
         raise FileExistsError(f"{results_path} already exists; choose another run.name")
     GeoBenchDataset(config.geobench_dir, config.task, "train", partition=config.partition)  # fail early
+    spec = open_run(config.tracking, storage.join(config.run.storage, name), name, to_dict(config),
+                    tags={"mpmae.kind": config.mode, "mpmae.task": config.task})
     ensure_ray()
     check_resources(config.run, {})  # GEO-Bench loads in the workers
     trainer = ray.train.torch.TorchTrainer(
         finetune_loop,
-        train_loop_config={"config": to_dict(config)},
+        train_loop_config={"config": to_dict(config), "tracking": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
                                                resources_per_worker={"CPU": config.run.cpus_per_worker}),
         run_config=train_run_config(config.run, name),
     )
-    metrics = fit(trainer).metrics or {}
+    tracker = Tracker(spec, tensorboard=False)
+    try:
+        metrics = fit(trainer).metrics or {}
+    except BaseException as err:
+        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     results = {"task": config.task, "mode": config.mode, "encoder": config.encoder or "random",
                "partition": config.partition, "select": config.select, **metrics}
+    text = json.dumps(results, indent=2, default=float)
     # never overwritten: a run that wrote its results meanwhile is refused, naming the file
-    storage.write_bytes(results_path, json.dumps(results, indent=2, default=float).encode())
+    storage.write_bytes(results_path, text.encode())
+    _track_results(tracker, results, text, config.epochs)
     return results
+
+
+def _track_results(tracker: Tracker, results: dict[str, Any], text: str, epochs: int) -> None:
+    """The selected weights' test metrics at the last epoch (rank 0 logged every epoch's val metrics),
+    ``results.json`` attached; the run ended."""
+    final = {k: v for k, v in results.items() if k.startswith("test_") or k == "selected_epoch"}
+    tracker.log_metrics(final, epochs)
+    with tempfile.TemporaryDirectory(prefix="mpmae-results-") as tmp:
+        local = Path(tmp) / RESULTS_FILE
+        local.write_text(text)
+        tracker.log_artifacts([local])
+    tracker.finish()
 
 

@@ -5,7 +5,13 @@ from mpmae.architectures import VARIANTS, ConvNeXtSpec
 from mpmae.models.classifier import Classifier, new_head
 from mpmae.models.convnextv2 import ConvNeXtV2
 from mpmae.models.mpmae import MPMAE, MPMAEOutput, random_mask
-from mpmae.models.reference import convert_reference_state_dict, load_reference_state_dict
+from mpmae.models.reference import (
+    EncoderShape,
+    convert_reference_state_dict,
+    encoder_shape,
+    load_reference_state_dict,
+    to_reference_state_dict,
+)
 from mpmae.models.unet import UNet
 
 __all__ = [
@@ -15,9 +21,12 @@ __all__ = [
     "VARIANTS",
     "ConvNeXtSpec",
     "ConvNeXtV2",
+    "EncoderShape",
     "MPMAEOutput",
     "convert_reference_state_dict",
+    "encoder_shape",
     "load_reference_state_dict",
     "new_head",
     "random_mask",
+    "to_reference_state_dict",
 ]

@@ -10,16 +10,21 @@ positions, and re-masking after every spatial op.
 Checkpoints come in three layouts, all mapped by `convert_reference_state_dict`:
 dense FCMAE (``encoder.*`` as ``nn.Conv2d``/``nn.Linear``), sparse FCMAE (``encoder.*`` as
 MinkowskiEngine tensors, docs/method.md, Pretraining recipe) and the dense fine-tuning classifier (no prefix).
+`encoder_shape` reads the encoder's construction off any of them; `to_reference_state_dict` maps an encoder
+of ours back to the dense FCMAE layout.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from mpmae.architectures import ConvNeXtSpec
 from mpmae.modalities import MODALITIES
 from mpmae.models.convnextv2 import ConvNeXtV2
 
@@ -27,6 +32,9 @@ from mpmae.models.convnextv2 import ConvNeXtV2
 _ENCODER_ROOTS = ("initial_conv", "stem", "stem_orig", "downsample_layers", "stages", "norm", "head")
 #: Wrapper components of MinkowskiLayerNorm / MinkowskiLinear that the dense modules do not have.
 _MINKOWSKI_WRAPPERS = ("ln", "linear")
+#: The pretraining loss's log-variances: every reference FCMAE stores them, also one trained unweighted.
+LOG_VARS_KEY = "loss_fn.log_vars"
+_BLOCK_KEY = re.compile(r"stages\.(\d+)\.(\d+)\.dwconv\.weight")
 
 
 def _minkowski_kernel(kernel: Tensor) -> Tensor:
@@ -77,7 +85,7 @@ def convert_reference_state_dict(
                          & {m for m, mod in MODALITIES.items() if mod.level == "image"})
     for key, value in state_dict.items():
         root, _, rest = key.partition(".")
-        if key in ("mask_token", "loss_fn.log_vars") or root == "proj":
+        if key in ("mask_token", LOG_VARS_KEY) or root == "proj":
             out[key] = value
         elif root == "encoder" or root in _ENCODER_ROOTS:
             new_key, new_value = _encoder_entry(rest if root == "encoder" else key, value)
@@ -112,8 +120,9 @@ def load_reference_state_dict(
     except keys starting with a prefix in ``ignore`` (e.g. ``("norm.", "head.")`` when a sparse
     checkpoint, which has neither, feeds a classifier). Dropped without asking: the final norm and head
     of the reference encoder when ``module``'s encoder is ``features_only`` (masked pretraining never
-    trains them), and the pretraining-only keys (decoder, heads, mask token, log-variances) when
-    ``module`` is a bare encoder.
+    trains them), the pretraining-only keys (decoder, heads, mask token, log-variances) when
+    ``module`` is a bare encoder, and the log-variances when ``module``'s loss has none (the reference
+    keeps them in every checkpoint, also of a run trained unweighted).
     """
     decoder = getattr(getattr(module, "config", None), "decoder", "shared")
     converted = convert_reference_state_dict(state_dict, decoder=decoder)
@@ -126,6 +135,8 @@ def load_reference_state_dict(
     dropped = prefixes + ((prefix + "norm.", prefix + "head.") if encoder.features_only else ())
     converted = {k: v for k, v in converted.items() if not k.startswith(dropped)}
     expected = {k: v for k, v in module.state_dict().items() if not k.startswith(prefixes)}
+    if LOG_VARS_KEY not in expected:
+        converted.pop(LOG_VARS_KEY, None)
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
     wrong = sorted(k for k in set(expected) & set(converted) if expected[k].shape != converted[k].shape)
@@ -136,3 +147,54 @@ def load_reference_state_dict(
             f"unexpected {unexpected}, shape mismatches {shapes}"
         )
     module.load_state_dict(converted, strict=not prefixes)
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """How a ConvNeXt V2 encoder was built, as its weights tell."""
+
+    spec: ConvNeXtSpec
+    in_chans: int
+    patch_size: int
+    stem: str
+
+
+def encoder_shape(state_dict: Mapping[str, Tensor]) -> EncoderShape:
+    """The construction of the encoder in a reference state dict (any layout) or in one of ours: blocks and
+    channels per stage, input channels, stem, and the patch size (8 x the stem kernel).
+
+    Raises ``ValueError`` naming the key that is missing or out of place.
+    """
+    encoder = {k.removeprefix("encoder."): v for k, v in convert_reference_state_dict(state_dict).items()
+               if k.startswith("encoder.")}
+    stem = "original" if "stem_orig.0.weight" in encoder else "modified"
+    first = _weight(encoder, "stem_orig.0.weight" if stem == "original" else "initial_conv.0.weight")
+    stem_kernel = _weight(encoder, "stem_orig.0.weight" if stem == "original" else "stem.0.weight").shape[-1]
+    stages: dict[int, list[int]] = {}
+    for key in encoder:
+        if found := _BLOCK_KEY.fullmatch(key):
+            stages.setdefault(int(found[1]), []).append(int(found[2]))
+    if sorted(stages) != list(range(len(stages))) or any(sorted(b) != list(range(len(b))) for b in stages.values()):
+        raise ValueError("the encoder's blocks are not stages.S.B numbered from 0 without gaps")
+    depths = tuple(len(stages[stage]) for stage in range(len(stages)))
+    dims = tuple(int(_weight(encoder, f"stages.{stage}.0.dwconv.weight").shape[0]) for stage in range(len(depths)))
+    # each stage after the first halves the grid: the patch is the stem kernel times 2 ** (stages - 1)
+    patch_size = int(stem_kernel) * 2 ** (len(depths) - 1)
+    return EncoderShape(ConvNeXtSpec(depths, dims), int(first.shape[1]), patch_size, stem)
+
+
+def _weight(encoder: Mapping[str, Tensor], key: str) -> Tensor:
+    """``encoder[key]``, or an error saying the weights are not a ConvNeXt V2 encoder."""
+    if key not in encoder:
+        raise ValueError(f"no encoder weight {key!r}: not a ConvNeXt V2 encoder")
+    return encoder[key]
+
+
+def to_reference_state_dict(encoder: ConvNeXtV2) -> dict[str, Tensor]:
+    """An encoder of ours in the reference's dense FCMAE layout: ``encoder.*`` keys, GRN parameters (1, C).
+
+    The reference's loader (``remap_checkpoint_keys``) turns every GRN tensor from (1, C), the shape its
+    released (sparse) checkpoints store, into (1, 1, 1, C); our reader takes both shapes.
+    """
+    return {f"encoder.{key}": (value.reshape(1, -1) if key.endswith((".grn.gamma", ".grn.beta")) else value)
+            .detach().clone() for key, value in encoder.state_dict().items()}

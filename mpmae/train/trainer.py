@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from mpmae.evaluation.probe_task import load_probe_task
 from mpmae.modalities import PRESETS, resolve_selection
 from mpmae.runtime.instance import DATA_PIPELINE_CPUS, check_resources, ensure_ray
 from mpmae.runtime.run import data_config, fit, train_run_config
+from mpmae.tracking import Tracker, open_run
 from mpmae.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -147,8 +149,10 @@ def norm_stats(source: DataSource) -> dict[str, Any]:
     return out
 
 
-def build_trainer(config: PretrainConfig, source: DataSource, callbacks: Sequence[Any] = ()) -> TorchTrainer:
-    """The TorchTrainer of a validated config; ``callbacks`` are Ray Train callbacks (Tune's reporter)."""
+def build_trainer(config: PretrainConfig, source: DataSource, callbacks: Sequence[Any] = (),
+                  tracking: Mapping[str, Any] | None = None) -> TorchTrainer:
+    """The TorchTrainer of a validated config; ``callbacks`` are Ray Train callbacks (Tune's reporter),
+    ``tracking`` the spec of :func:`open_tracking` (rank 0 logs to it)."""
     run = config.run
     datasets: dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]] = {}
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 logs one line per epoch
@@ -161,7 +165,7 @@ def build_trainer(config: PretrainConfig, source: DataSource, callbacks: Sequenc
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "rows": source.rows, "norm_stats": norm_stats(source),
-                           "normalizer": source.normalizer,
+                           "normalizer": source.normalizer, "tracking": dict(tracking or {}),
                            "run_name": name, "resume": plan_resume(run.storage, name)},
         scaling_config=scaling_config(run),
         run_config=train_run_config(run, name, callbacks),
@@ -203,12 +207,58 @@ def check_probe(config: PretrainConfig) -> None:
         raise ConfigError(f"probe: {err}") from None
 
 
+def open_tracking(config: PretrainConfig, name: str, parent: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The tracking spec of run ``name`` (its MLflow run opened, params logged), nested under ``parent``'s."""
+    return open_run(config.tracking, storage.join(config.run.storage, name), name, to_dict(config), parent,
+                    tags={"mpmae.kind": "pretrain"})
+
+
+def fit_tracked(trainer: TorchTrainer, config: PretrainConfig, name: str, spec: Mapping[str, Any]) -> ray.train.Result:
+    """``fit(trainer)``, then the run's artifacts attached and its MLflow run ended with how the run ended."""
+    tracker = Tracker(spec, tensorboard=False)
+    try:
+        result = fit(trainer)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    if tracker.run_id is not None:
+        tracker.guarded("attach the run's artifacts", lambda: _attach_artifacts(tracker, config, name))
+    tracker.finish()
+    return result
+
+
+def _attach_artifacts(tracker: Tracker, config: PretrainConfig, name: str) -> None:
+    """The model card and loss curves of the newest checkpoint, and reconstructions when MMEarth data are local."""
+    from mpmae.atomic import atomic_write_json
+    from mpmae.checkpoint import find_checkpoint
+    from mpmae.export import CARD_FILE, fetched, model_card
+    from mpmae.viz import LOSS_CURVES_FILE, plot_loss_curves, write_reconstructions
+
+    run_folder = storage.join(config.run.storage, name)
+    with tempfile.TemporaryDirectory(prefix="mpmae-artifacts-") as tmp, \
+            fetched(run_folder, "run.storage_path") as local:
+        out = Path(tmp)
+        file, payload = find_checkpoint(local)
+        files = [atomic_write_json(out / CARD_FILE, model_card(payload, file)),
+                 plot_loss_curves(payload.get("history", []), out / LOSS_CURVES_FILE)]
+        tracker.log_artifacts(files)
+        data = config.data.path if config.data.format == "mmearth" else config.probe.data
+        if data is not None and not storage.is_uri(data):
+            pictures = tracker.guarded("draw reconstructions", lambda: write_reconstructions(
+                local, data, out / "reconstructions", split="val"))
+            tracker.log_artifacts([Path(p) for p in pictures or []], "reconstructions")
+
+
 def pretrain(config: PretrainConfig) -> ray.train.Result:
-    """Validate, start (or join) Ray, and run the pretraining to completion."""
+    """Validate, open the tracking, start (or join) Ray, and run the pretraining to completion."""
     check_store(config.run.storage_path, "run.storage_path")
     source = describe_data(config)
-    run_name(config, source)
+    name = run_name(config, source)
     check_probe(config)
+    spec = open_tracking(config, name)
     ensure_ray()
     check_resources(config.run, data_cpus(config))
-    return fit(build_trainer(config, source))
+    return fit_tracked(build_trainer(config, source, tracking=spec), config, name, spec)

@@ -7,7 +7,8 @@ every rank and a checkpoint from rank 0. With a probe configured, reports and ch
 checkpoint also comes inside an epoch, with the batches done; at a preemption notice the workers
 checkpoint at once and wait for Ray Train's restart. Resuming picks up at the checkpoint's epoch and batch,
 with the global step count continuing. Step times and epoch values also go to Ray's application metrics
-(:mod:`mpmae.telemetry`), which the Grafana dashboards show.
+(:mod:`mpmae.telemetry`), which the Grafana dashboards show; rank 0 logs each epoch's metrics to the
+experiment tracker (:mod:`mpmae.tracking`), stepped by the global optimizer step.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from mpmae.models.mpmae import MPMAE
 from mpmae.optim import WarmupCosine, apply_lr, build_optimizer, keep_fused
 from mpmae.runtime.run import channels_last, compiled, quiet_report_logs, report_with_checkpoint
 from mpmae.telemetry import RunMetrics
+from mpmae.tracking import Tracker
 from mpmae.train.step import LossMeter, StepGuard, forward_backward, unwrap
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     guard = StepGuard(config.run.max_nonfinite_steps)
     guard.skipped = state.skipped_steps
     telemetry = RunMetrics(loop_config["run_name"], rank, skipped_steps=state.skipped_steps)
+    # rank 0 alone tracks, once per epoch: nothing reaches the tracking server from inside the step loop
+    tracker = Tracker(loop_config.get("tracking")) if rank == 0 else None
     checkpoints = _Checkpointer(core, optimizer, state, loop_config, rank, telemetry, config.run.async_upload)
     generator = torch.Generator().manual_seed(config.run.seed + rank)
     normalizer = Normalizer.from_dict(loop_config["normalizer"])
@@ -254,18 +258,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(epoch=epoch, epochs_done=state.epoch, step=state.step, lr=lr, skipped_steps=guard.skipped,
                        workers=world)
         telemetry.epoch(metrics)
-        if config.probe.task is not None and not config.probe.due(state.epoch, config.optim.epochs):
-            state.history.append(metrics)
-            continue  # with a probe, reports (and checkpoints) come with its score only
-        if config.probe.task is not None:
+        # with a probe, reports (and checkpoints) come with its score only
+        due = config.probe.task is None or config.probe.due(state.epoch, config.optim.epochs)
+        if config.probe.task is not None and due:
             metrics["probe_score"] = _broadcast(probe(core.encoder, device) if probe is not None else 0.0, device)
             telemetry.probe(metrics["probe_score"])
         state.history.append(metrics)
+        if tracker is not None:
+            tracker.log_metrics(metrics, state.step)
+        if not due:
+            continue
         if rank == 0:
             log.info("epoch %d/%d step %d loss %.4f %.1f samples/s%s", epoch + 1, config.optim.epochs, state.step,
                      metrics.get("loss", float("nan")), metrics["samples_per_s"],
                      f" probe {metrics['probe_score']:.4f}" if "probe_score" in metrics else "")
         checkpoints.save(metrics, lr, "epoch")
+    if tracker is not None:
+        tracker.close()
 
 
 def resume_source(reported: ray.train.Checkpoint | None,

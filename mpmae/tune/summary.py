@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import yaml
 import mpmae.storage as storage
 from mpmae.export import CARD_FILE, export_encoder
 from mpmae.tables import format_table
+from mpmae.tracking import Tracker
 from mpmae.tune.plan import METRIC, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 from mpmae.tune.space import TASK_WEIGHTS, apply_params
 
@@ -80,22 +82,58 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def summarize(sweep: Sweep, results: Any) -> dict[str, Any]:
-    """Print and write the trial table, the best config, the plot, and export the best encoder."""
+def summarize(sweep: Sweep, results: Any, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Print and write the trial table, the best config, the plot, and export the best encoder; with a
+    ``tracker`` (the sweep's tracked run) attach the tables and plot, tag the best trial and end the runs."""
     rows = trial_rows(sweep, results)
     columns = [*FIXED_COLUMNS, *param_columns(rows)]
     folder = sweep.folder
     print(format_rows(rows, columns))
-    _rewrite(storage.join(folder, "trials.json"), json.dumps(rows, indent=2, default=str))
-    _rewrite(storage.join(folder, "trials.csv"), _csv(rows, columns))
-    plot_scores(rows, sweep, storage.join(folder, "probe_score.png"))
+    tables = {"trials.json": json.dumps(rows, indent=2, default=str), "trials.csv": _csv(rows, columns)}
+    for name, text in tables.items():
+        _rewrite(storage.join(folder, name), text)
+    plot = plot_scores(rows, sweep, storage.join(folder, "probe_score.png"))
     best = best_row(rows)
     summary: dict[str, Any] = {"folder": folder, "trials": rows, "best": best}
     if best is not None:
         summary["best_config"] = str(write_best_config(sweep, best, storage.join(folder, "best_config.yaml")))
         summary["best_encoder"] = str(export_best_encoder(sweep, best))
         print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.4f} after {best['epochs_run']} epochs")
+    if tracker is not None:
+        tracker.guarded("record the sweep's summary", lambda: _track_summary(
+            tracker, sweep, rows, best, [*tables, *(["probe_score.png"] if plot else []),
+                                         *(["best_config.yaml"] if best else [])]))
+        tracker.finish()
     return summary
+
+
+#: How each trial's tracked run ends, by the trial's state in the table.
+_RUN_STATUS = {"completed": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}
+
+
+def _track_summary(tracker: Tracker, sweep: Sweep, rows: Sequence[dict[str, Any]], best: dict[str, Any] | None,
+                   files: Sequence[str]) -> None:
+    """The sweep's files on its run; each trial's run ended by its state (ASHA kills a stopped trial's
+    driver before it can end its own run); the best trial tagged on its run and the sweep's."""
+    if tracker.run_id is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="mpmae-sweep-") as tmp:
+        local = []
+        for name in files:
+            (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(sweep.folder, name)))
+            local.append(Path(tmp) / name)
+        tracker.log_artifacts(local)
+    for row in rows:
+        run_id = tracker.find_run(storage.join(sweep.folder, TRIALS_DIR, str(row["trial_id"])))
+        if run_id is None:
+            continue
+        trial = tracker.for_run(run_id)
+        if best is not None and row["trial_id"] == best["trial_id"]:
+            trial.set_tags({"mpmae.best_trial": "true"})
+        trial.finish(_RUN_STATUS[row["state"]])
+    if best is not None:
+        tracker.set_tags({"mpmae.best_trial_id": str(best["trial_id"])})
+        tracker.log_metrics({f"best_{METRIC}": best[METRIC]}, int(best["epochs_run"]))
 
 
 def _rewrite(path: str | Path, content: str | bytes) -> None:

@@ -36,6 +36,7 @@ from mpmae.config import (
     to_dict,
 )
 from mpmae.runtime.instance import ensure_ray
+from mpmae.tracking import Tracker, TrackingError, open_run
 from mpmae.tune.plan import METRIC, SWEEP_FILE, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 from mpmae.tune.space import apply_params, candidate_configs, parse_search_space
 from mpmae.tune.summary import summarize
@@ -67,6 +68,7 @@ def _base_config(config: SweepConfig) -> dict[str, Any]:
         raise ConfigError("pretrain.probe.task: a sweep ranks trials by their probe score; name the probe task")
     # absolute paths (URIs as they are): Tune runs each trial in its own working directory
     base.data.path = storage.absolute(base.data.path)
+    base.tracking = config.tracking  # the trials track as the sweep does
     for key in ("data", "geobench_dir"):
         if getattr(base.probe, key) is not None:
             setattr(base.probe, key, storage.absolute(getattr(base.probe, key)))
@@ -93,10 +95,10 @@ def prepare_sweep(config: SweepConfig, base: dict[str, Any] | None = None) -> Sw
     return sweep
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
-    """The Tune driver function of one trial: a pretraining run of ``base`` with the trial's ``params``."""
-    from mpmae.runtime.run import fit
-    from mpmae.train.trainer import build_trainer, describe_data
+def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str, tracking: dict[str, Any]) -> None:
+    """The Tune driver function of one trial: a pretraining run of ``base`` with the trial's ``params``,
+    tracked (when the sweep is) in a run nested under the sweep's."""
+    from mpmae.train.trainer import build_trainer, describe_data, fit_tracked, open_tracking
 
     data = apply_params(base, params)
     data["run"].update(name=ray.tune.get_context().get_trial_id(), storage_path=trials_dir)
@@ -107,7 +109,14 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
     if finished is not None:  # restored after its last checkpoint: Train would report nothing
         ray.tune.report(finished)
         return
-    fit(build_trainer(config, describe_data(config), callbacks=[ProbeReportCallback()]))
+    try:
+        spec = open_tracking(config, config.run.name, parent=tracking)
+    except TrackingError as err:  # the server went away mid-sweep: the trial trains on untracked
+        log.warning("trial %s is not tracked in MLflow: %s", config.run.name, err)
+        config.tracking.mlflow = False
+        spec = open_tracking(config, config.run.name)
+    trainer = build_trainer(config, describe_data(config), callbacks=[ProbeReportCallback()], tracking=spec)
+    fit_tracked(trainer, config, config.run.name, spec)
 
 
 class ProbeReportCallback(TuneReportCallback):
@@ -157,9 +166,10 @@ def _stored_final_payload(run: str, epochs: int) -> dict[str, Any] | None:
         return None
 
 
-def _trainable(sweep: Sweep) -> Any:
+def _trainable(sweep: Sweep, tracking: dict[str, Any]) -> Any:
     """The driver function with its fixed arguments and its :data:`TRIAL_CPUS`."""
-    fn = ray.tune.with_parameters(run_trial, base=sweep.base, trials_dir=storage.join(sweep.folder, TRIALS_DIR))
+    fn = ray.tune.with_parameters(run_trial, base=sweep.base, trials_dir=storage.join(sweep.folder, TRIALS_DIR),
+                                  tracking=tracking)
     return ray.tune.with_resources(fn, {"CPU": TRIAL_CPUS})
 
 
@@ -194,11 +204,11 @@ def _scheduler(sweep: Sweep) -> Any:
                          reduction_factor=scheduler.reduction_factor)
 
 
-def build_tuner(sweep: Sweep) -> ray.tune.Tuner:
-    """The Tuner of a fresh sweep."""
+def build_tuner(sweep: Sweep, tracking: dict[str, Any]) -> ray.tune.Tuner:
+    """The Tuner of a fresh sweep; ``tracking``: the sweep's tracking spec, which its trials nest under."""
     config = sweep.config
     return ray.tune.Tuner(
-        _trainable(sweep),
+        _trainable(sweep, tracking),
         tune_config=ray.tune.TuneConfig(
             metric=METRIC, mode="max", search_alg=_search_alg(sweep), scheduler=_scheduler(sweep),
             num_samples=config.num_samples,  # concurrency: the search algorithm's limiter
@@ -238,10 +248,11 @@ def tune(config: SweepConfig) -> dict[str, Any]:
     if storage.exists(sweep.folder):
         raise FileExistsError(f"{sweep.folder} already exists; resume it with `mpmae tune --resume "
                               f"{config.name}` or choose another name")
+    spec = _open_tracking(sweep)
     ensure_ray()
     _check_resources(sweep)
     _write_sweep_file(sweep)
-    return summarize(sweep, build_tuner(sweep).fit())
+    return _fit_tracked(sweep, build_tuner(sweep, spec), spec)
 
 
 def resume(name: str, storage_path: str | Path = "runs") -> dict[str, Any]:
@@ -249,7 +260,25 @@ def resume(name: str, storage_path: str | Path = "runs") -> dict[str, Any]:
     unfinished and errored ones resume."""
     check_store(str(storage_path), "--storage-path")
     sweep = load_sweep(storage.join(storage.absolute(storage_path), check_name(name, "--resume")))
+    spec = _open_tracking(sweep)
     ensure_ray()
     _check_resources(sweep)
-    tuner = ray.tune.Tuner.restore(sweep.folder, trainable=_trainable(sweep), resume_errored=True)
-    return summarize(sweep, tuner.fit())
+    tuner = ray.tune.Tuner.restore(sweep.folder, trainable=_trainable(sweep, spec), resume_errored=True)
+    return _fit_tracked(sweep, tuner, spec)
+
+
+def _open_tracking(sweep: Sweep) -> dict[str, Any]:
+    """The sweep's own tracked run (found again on resume), with the sweep config as params."""
+    config = sweep.config
+    return open_run(config.tracking, sweep.folder, config.name, to_dict(config), tags={"mpmae.kind": "sweep"})
+
+
+def _fit_tracked(sweep: Sweep, tuner: ray.tune.Tuner, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the sweep and summarise it; its tracked run ends as the sweep does."""
+    tracker = Tracker(spec, tensorboard=False)
+    try:
+        results = tuner.fit()
+    except BaseException as err:
+        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    return summarize(sweep, results, tracker)

@@ -8,6 +8,7 @@ argument or bit rot leave: a cut-short ``state.pt``, a text file, an HDF5 file, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -54,12 +55,18 @@ def code_running_export(folder: Path, marker: Path) -> Path:
     return folder
 
 
+@functools.cache
+def _default_encoder() -> dict[str, torch.Tensor]:
+    """The weights of the default config's encoder (atto, patch 8, 12 bands), under ``encoder.``."""
+    return {f"encoder.{k}": v for k, v in ConvNeXtV2(12, "atto", 8, features_only=True).state_dict().items()}
+
+
 def small_state(folder: Path, epoch: int = 1) -> Path:
-    """A loadable ``state.pt`` with the keys mpmae checks and a default run config (a one-tensor model: for
-    readers' choices and exports, not for restoring)."""
+    """A loadable ``state.pt`` with the keys mpmae checks and a default run config (the encoder's weights
+    only: for readers' choices and exports, not for restoring)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = to_dict(PretrainConfig(data=DataConfig(path="unused")))
-    payload = {"model": {"encoder.w": torch.arange(4.0)}, "config": config, "epoch": epoch, "step": 4 * epoch,
+    payload = {"model": _default_encoder(), "config": config, "epoch": epoch, "step": 4 * epoch,
                "history": [{"epoch": e, "epochs_done": e + 1, "probe_score": 0.1 * e} for e in range(epoch)]}
     torch.save(payload, folder / "state.pt")
     return folder / "state.pt"

@@ -14,11 +14,19 @@ from mpmae.finetune.run import finetune
 
 @pytest.mark.ray
 @pytest.mark.timeout(500)
-def test_finetune_overfits_real_bigearthnet_patches(ray_cluster: object, realdata: Path, tmp_path: Path) -> None:
+def test_finetune_overfits_real_bigearthnet_patches(ray_cluster: object, mlflow_server: str, realdata: Path,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracked too: every epoch's train and val metrics, the test metrics and results.json in MLflow, and the
+    same metrics in TensorBoard's event files under the run folder."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     config = load_config(FinetuneConfig, None, [
         f"geobench_dir={realdata / 'geobench_mini'}", "task=m-bigearthnet", "batch_size=4", "epochs=100",
         "blr=0.0128", "min_lr=2e-4", "weight_decay=0.0", "smoothing=0.0", "drop_path=0.0", "layer_decay=1.0",
         f"run.storage_path={tmp_path}", "run.name=ben", "run.cpus_per_worker=1",
+        "tracking.mlflow=true", "tracking.tensorboard=true", "tracking.experiment=evaluation",
     ])
     results = finetune(config)
     history = results["history"]
@@ -28,5 +36,18 @@ def test_finetune_overfits_real_bigearthnet_patches(ray_cluster: object, realdat
     assert 0.0 <= results["test_metric"] <= 1.0
     saved = json.loads((tmp_path / "ben" / "results.json").read_text())
     assert saved["test_metric"] == results["test_metric"] and saved["encoder"] == "random"
+
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["mpmae.task"] == "m-bigearthnet"
+    assert run.data.params["mode"] == "finetune" and run.data.params["epochs"] == "100"
+    val = client.get_metric_history(run.info.run_id, "val_metric")
+    assert [m.step for m in val] == list(range(1, 101))
+    assert [m.value for m in val] == pytest.approx([h["val_metric"] for h in history])
+    assert run.data.metrics["test_metric"] == pytest.approx(results["test_metric"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["results.json"]
+    events = EventAccumulator(str(tmp_path / "ben" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([h["train_loss"] for h in history])
     with pytest.raises(FileExistsError, match="results.json already exists"):
         finetune(config)

@@ -19,6 +19,7 @@ from mpmae.models import (
     load_reference_state_dict,
 )
 from mpmae.pretext_losses import UncertaintyWeighting, patchify
+from tests.crafted.reference import to_minkowski
 
 #: The golden run's targets with no-data: the reference regressed them to 0, we ignore them.
 NAN_TASKS = ("sentinel1", "canopy_height_eth")
@@ -137,32 +138,6 @@ def test_atto_classifier_manifest_loads_strictly(manifest):
     torch.testing.assert_close(model.state_dict()["stages.2.5.grn.gamma"], state["stages.2.5.grn.gamma"])
 
 
-def _to_minkowski(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """The inverse of the dense remap (docs/method.md, Pretraining recipe): what a MinkowskiEngine checkpoint stores."""
-    parts = key.split(".")
-    module, name = ".".join(parts[:-1]), parts[-1]
-    depthwise = module.endswith(("dwconv", "stem.0"))
-    is_conv = module.endswith(("dwconv", "stem.0", "initial_conv.0", "stem_orig.0")) or (
-        "downsample_layers" in module and parts[-2] == "1"
-    )
-    if is_conv and name == "weight":
-        k = value.shape[-1]
-        kernel = value.transpose(2, 3).reshape(value.shape[0], value.shape[1], k * k).permute(2, 1, 0)
-        return f"{module}.kernel", kernel[:, 0] if depthwise else kernel
-    if is_conv and name == "bias":
-        return key, value.reshape(1, -1)
-    if name in ("gamma", "beta"):
-        return key, value.reshape(1, -1)
-    is_ln = parts[-2] in ("norm",) or module.endswith(("initial_conv.1", "stem.1", "stem_orig.1")) or (
-        "downsample_layers" in module and parts[-2] == "0"
-    )
-    if is_ln:
-        return f"{module}.ln.{name}", value
-    if parts[-2] in ("pwconv1", "pwconv2"):
-        return f"{module}.linear.{name}", value
-    raise AssertionError(key)
-
-
 def test_sparse_checkpoint_maps_onto_the_dense_encoder():
     source = MPMAE(ModelConfig(arch=ConvNeXtSpec((1, 1, 1, 1), (8, 16, 24, 32)), patch_size=16, decoder_dim=16))
     with torch.no_grad():
@@ -172,7 +147,7 @@ def test_sparse_checkpoint_maps_onto_the_dense_encoder():
     sparse = {}
     for key, value in ours.items():
         if key.startswith("encoder."):
-            k, v = _to_minkowski(key.removeprefix("encoder."), value)
+            k, v = to_minkowski(key.removeprefix("encoder."), value)
             sparse["encoder." + k] = v
     # one conv element by hand: Minkowski offset index = col * k + row
     kernel = sparse["encoder.initial_conv.0.kernel"]
@@ -205,7 +180,7 @@ def test_original_stem_checkpoints_map_onto_stem_orig(layout):
     state = {}
     for key, value in ours.items():
         if key.startswith("encoder.") and layout == "sparse":
-            k, v = _to_minkowski(key.removeprefix("encoder."), value)
+            k, v = to_minkowski(key.removeprefix("encoder."), value)
             state["encoder." + k] = v
         elif key.startswith("encoder."):
             state[key] = value

@@ -220,7 +220,7 @@ def test_the_cloud_workflow_keeps_data_and_results_in_the_bucket(s3: Any, shards
 
     from mpmae.cli import main
     from mpmae.evaluation.probe_table import probe_table
-    from mpmae.export import export_encoder, load_encoder
+    from mpmae.export import export_encoder, export_files, load_encoder
     from mpmae.models import Classifier
 
     bucket = s3.bucket()
@@ -250,7 +250,7 @@ def test_the_cloud_workflow_keeps_data_and_results_in_the_bucket(s3: Any, shards
 
     export = storage.join(bucket, "exports", "e2e")
     assert export_encoder(run, export) == export
-    assert set(storage.file_sizes(export)) == {"encoder.pt", "model_card.json"}
+    assert set(storage.file_sizes(export)) == set(export_files())
     card = storage.read_bytes(storage.join(export, "model_card.json"))
     facts = json.loads(card)
     assert facts["bands"] == payload["norm_stats"]["bands"] and facts["patch_size"] == 8

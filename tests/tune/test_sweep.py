@@ -21,7 +21,7 @@ from mpmae.config import PretrainConfig, SweepConfig, load_config
 from mpmae.data.shards import write_shards
 from mpmae.data.synth import write_synthetic_mmearth
 from mpmae.export import load_encoder
-from mpmae.tune.plan import TRIALS_DIR
+from mpmae.tune.plan import METRIC, TRIALS_DIR
 from mpmae.tune.sweep import resume, tune
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,22 +52,26 @@ def _sweep(*overrides: str) -> SweepConfig:
 
 @pytest.mark.timeout(900)
 def test_asha_sweep_stops_trials_early_and_writes_its_summary(
-    ray_cluster: object, s3: Any, data: tuple[Path, Path], tmp_path: Path
+    ray_cluster: object, s3: Any, mlflow_server: str, data: tuple[Path, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The sweep as on a cloud cluster: its trials train on Parquet shards in a bucket and every result (Tune's
-    state, the trials' checkpoints, tables, plot, best config and encoder) goes to the bucket."""
+    state, the trials' checkpoints, tables, plot, best config and encoder) goes to the bucket. Tracked in
+    MLflow: the sweep's run, each trial's nested under it, the best one tagged."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     bucket = s3.bucket()
     shards = storage.join(bucket, "shards")
     write_shards(data[0], shards, tiles_per_shard=16, progress=False)
     # reduction factor 4, one rung after epoch 1: a trial goes on only with the best score so far
     summary = tune(_sweep(*_overrides(data, bucket, "asha", "num_samples=5", "scheduler.grace_period=1",
                                       "scheduler.reduction_factor=4", f"pretrain.data.path={shards}",
-                                      "pretrain.data.format=parquet")))
+                                      "pretrain.data.format=parquet", "tracking.mlflow=true",
+                                      "tracking.experiment=sweeps")))
     folder = storage.join(bucket, "asha")
     rows = summary["trials"]
     assert len(rows) == 5 and {r["state"] for r in rows} <= {"completed", "stopped early"}
     stopped = [r for r in rows if r["state"] == "stopped early"]
-    assert stopped and all(r["epochs_run"] == 1 for r in stopped)
+    assert stopped and all(r["epochs_run"] == 1 for r in stopped), [(r[METRIC], r["state"]) for r in rows]
     assert any(r["state"] == "completed" and r["epochs_run"] == 2 for r in rows)
     assert all(0.0 <= r["probe_score"] <= 1.0 for r in rows)
     for row in rows:  # every trial is its own Train run, checkpointed at each probe
@@ -93,6 +97,30 @@ def test_asha_sweep_stops_trials_early_and_writes_its_summary(
                                              if k.startswith("model.task_weights.")}
     encoder, card = load_encoder(storage.join(folder, f"best-encoder-{best['trial_id']}"))
     assert card["bands"][0] == "B1" and encoder.features_only
+    _check_tracked_sweep(mlflow_server, rows, best)
+
+
+def _check_tracked_sweep(uri: str, rows: list[dict[str, Any]], best: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    (sweep_run,) = [r for r in runs if r.data.tags.get("mpmae.kind") == "sweep"]
+    assert sweep_run.info.run_name == "asha" and sweep_run.info.status == "FINISHED"
+    assert sweep_run.data.tags["mpmae.best_trial_id"] == best["trial_id"]
+    assert sweep_run.data.params["scheduler.reduction_factor"] == "4.0"
+    assert {a.path for a in client.list_artifacts(sweep_run.info.run_id)} == {
+        "trials.csv", "trials.json", "probe_score.png", "best_config.yaml"}
+    trials = {r.info.run_name: r for r in runs if r is not sweep_run}
+    assert set(trials) == {r["trial_id"] for r in rows}
+    status = {"completed": "FINISHED", "stopped early": "KILLED"}
+    for row in rows:
+        run = trials[row["trial_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+        assert run.info.status == status[row["state"]]
+        assert run.data.metrics["probe_score"] == pytest.approx(row["probe_score"])
+        assert run.data.params["model.mask_ratio"] == str(row["model.mask_ratio"])
+        assert (run.data.tags.get("mpmae.best_trial") == "true") == (row["trial_id"] == best["trial_id"])
 
 
 def _terminated_trials(folder: Path) -> int:
