@@ -31,10 +31,11 @@ typical workflow:
   mpmae probe --checkpoint runs/demo-export --task land_cover --data runs/demo-data
   mpmae finetune --config configs/linear_probe_so2sat.yaml encoder=runs/demo-export
   mpmae tune --config configs/tune_demo.yaml  a Ray Tune sweep of pretraining configs
+  mpmae benchmark --config configs/geobench_suite.yaml   encoders x tasks x seeds, IQM with intervals
 
 environment:
-  RAY_ADDRESS    the Ray cluster to join; unset, pretrain/finetune/tune start a local instance
-  GEO_BENCH_DIR  the GEO-Bench root, for probe and finetune tasks other than land_cover
+  RAY_ADDRESS    the Ray cluster to join; unset, pretrain/finetune/tune/benchmark start a local instance
+  GEO_BENCH_DIR  the GEO-Bench root, for probe, finetune and benchmark tasks other than land_cover
   GRAFANA_TOKEN  a Grafana service account token, for `mpmae dashboards provision`
 
 `mpmae COMMAND --help` lists a command's options. Bad input exits 2 with one line naming the key or file."""
@@ -171,6 +172,23 @@ def _tune(args: argparse.Namespace) -> None:
     print(f"sweep folder: {summary['folder']}")
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from mpmae.config import BenchmarkConfig, load_config
+
+    config = load_config(BenchmarkConfig, args.config, args.overrides)  # before Ray is imported: fails fast
+    from mpmae.benchmark.suite import CellsFailedError, run_benchmark
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = run_benchmark(config)
+    except CellsFailedError as err:  # not the input's fault, and the finished cells are kept
+        print(f"mpmae benchmark: error: {err}", file=sys.stderr)
+        return 1
+    print(result["markdown"], end="")
+    print(f"\n{result['ran']} cell(s) run now, {result['reused']} finished before; files in {result['folder']}")
+    return 0
+
+
 def _cluster_validate(args: argparse.Namespace) -> int:
     from mpmae.cluster import cli_validate
 
@@ -288,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where --resume finds the sweep, a path or a URI (default runs)")
     tune.add_argument("overrides", nargs="*", help="key=value, e.g. num_samples=4 scheduler.type=fifo")
     tune.set_defaults(run=_tune)
+
+    benchmark = commands.add_parser(
+        "benchmark", help="every encoder on every task, partition, seed and mode on Ray, the table with intervals",
+        description="Evaluate every encoder of a suite config on every task, partition, seed and mode (linear "
+                    "probe, fine-tune), one Ray task per cell, and write results.csv, summary.json, summary.md and "
+                    "summary.png under <storage_path>/<name>: the IQM over seeds with stratified-bootstrap intervals, "
+                    "and a normalised aggregate over tasks. Finished cells are kept: rerun to resume; a finished "
+                    "suite reruns nothing.")
+    benchmark.add_argument("--config", type=Path, help="a suite YAML, e.g. configs/geobench_suite.yaml")
+    benchmark.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1] encoders.mine=runs/mine-export")
+    benchmark.set_defaults(run=_benchmark)
 
     cluster = commands.add_parser("cluster", help="cluster launcher YAMLs and KubeRay manifests")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)

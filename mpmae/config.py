@@ -21,7 +21,7 @@ import yaml
 from mpmae.architectures import VARIANTS, ConvNeXtSpec
 from mpmae.modalities import resolve_selection, tasks_of
 from mpmae.storage import StorageError, StoreUnavailableError, check_reachable, is_uri
-from mpmae.tasks import get_task
+from mpmae.tasks import LAND_COVER, PARTITIONS, get_task
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -658,3 +658,174 @@ class SweepConfig:
         if not self.search:
             raise ConfigError("search: the search space is empty")
         check_storage(self.storage_path, "storage_path")  # a folder, or a URI (its store: tune's check_store)
+
+
+# -- benchmark suites ---------------------------------------------------------------------------------------
+
+#: How a suite evaluates an encoder (see :class:`FinetuneConfig`'s ``mode``).
+EvalMode = Literal["linear_probe", "finetune"]
+
+
+@dataclasses.dataclass
+class ProbeRecipe:
+    """A classification task's linear probe: a head trained on the frozen encoder's cached features, the
+    reference's atto recipe (docs/method.md). lr = blr x batch_size / 256."""
+
+    batch_size: int = 1024
+    blr: float = 2e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.3
+    smoothing: float = 0.2
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.batch_size / 256
+
+
+@dataclasses.dataclass
+class FinetuneRecipe:
+    """A classification task's fine-tuning: every parameter trains, with layer decay (docs/method.md)."""
+
+    batch_size: int = 1024
+    blr: float = 2e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 0
+    weight_decay: float = 0.3
+    layer_decay: float = 0.9
+    drop_path: float = 0.1
+    smoothing: float = 0.2
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.batch_size / 256
+
+
+@dataclasses.dataclass
+class SegmentationRecipe(FinetuneRecipe):
+    """A segmentation task's U-Net in either mode, with epochs of its own (the paper's 200): ``linear_probe``
+    trains decoder and head on the frozen encoder throughout, ``finetune`` unfreezes the encoder after
+    ``freeze_epochs`` (the paper's lp&ft)."""
+
+    epochs: int = 200
+    batch_size: int = 32
+    blr: float = 1e-2
+    smoothing: float = 0.0
+    freeze_epochs: int = 50
+
+
+@dataclasses.dataclass
+class BootstrapConfig:
+    """Percentile bootstrap intervals: of each cell's test metric over its test samples, and of the IQM over
+    seeds (stratified by task); seeded, so a rerun gives the same intervals."""
+
+    resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """A benchmark suite (``configs/geobench_suite.yaml``): every encoder on every task, partition, seed and
+    mode, one cell each, in ``<storage_path>/<name>``.
+
+    ``encoders`` maps a name to an export folder, a pretraining run or checkpoint, a checkpoint file of the
+    original MMEarth project (each a path or a URI), or null for a random ``arch`` / ``patch_size``
+    encoder. ``tasks`` are GEO-Bench tasks (read from ``geobench_dir``, default ``$GEO_BENCH_DIR``) or
+    ``land_cover``, the held-out task of the MMEarth folder ``data`` (``default`` partition only).
+    Classification cells train ``epochs`` epochs with the ``linear_probe`` or ``finetune`` recipe,
+    segmentation cells the ``segmentation`` recipe's. Each cell is a Ray task asking ``cpus_per_cell`` CPUs
+    and, with ``use_gpu``, a GPU; ``max_concurrent_cells`` (null: as many as the cluster holds) leaves
+    room on a shared cluster.
+    """
+
+    name: str = "geobench"
+    storage_path: str = "runs"
+    geobench_dir: str | None = None
+    data: str | None = None
+    encoders: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["m-bigearthnet"])
+    partitions: list[str] = dataclasses.field(default_factory=lambda: ["default"])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    modes: list[EvalMode] = dataclasses.field(default_factory=lambda: ["linear_probe"])
+    epochs: int = 100
+    arch: str = "atto"
+    patch_size: int = 8
+    crop_size: int = 56
+    linear_probe: ProbeRecipe = dataclasses.field(default_factory=ProbeRecipe)
+    finetune: FinetuneRecipe = dataclasses.field(default_factory=FinetuneRecipe)
+    segmentation: SegmentationRecipe = dataclasses.field(default_factory=SegmentationRecipe)
+    cpus_per_cell: float = 1.0
+    use_gpu: bool = False
+    max_concurrent_cells: int | None = None
+    bootstrap: BootstrapConfig = dataclasses.field(default_factory=BootstrapConfig)
+
+    def validate(self) -> None:
+        """Every key checked before any file is read; the suite checks encoders, task folders and data."""
+        check_name(self.name, "name")
+        _check_ranges(self, "", {"epochs": AT_LEAST_1, "crop_size": AT_LEAST_1, "cpus_per_cell": POSITIVE,
+                                 "max_concurrent_cells": AT_LEAST_1})
+        _check_ranges(self.bootstrap, "bootstrap.", {"resamples": AT_LEAST_1, "confidence": Interval(
+            0.0, 1.0, open_low=True, open_high=True), "seed": NON_NEGATIVE})
+        _check_recipe(self.linear_probe, "linear_probe.", self.epochs)
+        _check_recipe(self.finetune, "finetune.", self.epochs)
+        _check_recipe(self.segmentation, "segmentation.", self.segmentation.epochs)
+        if not self.encoders:
+            raise ConfigError("encoders: none given; map a name to an export, a checkpoint or null (random init)")
+        for name in self.encoders:
+            check_name(name, f"encoders.{name}")
+        _check_members("tasks", [_task_name(t, f"tasks[{i}]") for i, t in enumerate(self.tasks)])
+        _check_members("partitions", self.partitions)
+        for i, partition in enumerate(self.partitions):
+            if partition not in PARTITIONS:
+                raise ConfigError(f"partitions[{i}]: {partition!r} is not one of {list(PARTITIONS)}")
+        _check_members("seeds", self.seeds)
+        for i, seed in enumerate(self.seeds):
+            if seed not in NON_NEGATIVE:
+                raise ConfigError(f"seeds[{i}]: {seed} {NON_NEGATIVE}")
+        _check_members("modes", self.modes)
+        if LAND_COVER in self.tasks:
+            _check_land_cover(self)
+        if self.arch not in VARIANTS:
+            raise ConfigError(f"arch: {self.arch!r} is not one of {sorted(VARIANTS)}")
+        if self.patch_size not in (8, 16, 32):
+            raise ConfigError(f"patch_size: {self.patch_size} is not one of [8, 16, 32]")
+        check_storage(self.storage_path, "storage_path")
+
+
+def _check_recipe(recipe: ProbeRecipe | FinetuneRecipe, prefix: str, epochs: int) -> None:
+    """A mode's recipe: ranges, epochs of warmup and freezing within its ``epochs``, a cosine that falls."""
+    _check_ranges(recipe, prefix, {k: v for k, v in _FINETUNE_RANGES.items() if hasattr(recipe, k)})
+    for key in ("warmup_epochs", "freeze_epochs"):
+        if getattr(recipe, key, 0) > epochs:
+            raise ConfigError(f"{prefix}{key}: {getattr(recipe, key)} must lie in [0, epochs {epochs}]")
+    _check_min_lr(recipe.min_lr, recipe.lr, prefix)
+
+
+def _task_name(name: str, key: str) -> str:
+    """A task's registry name (an alias resolved), or ``land_cover``; else a ConfigError naming ``key``."""
+    if name == LAND_COVER:
+        return name
+    try:
+        return get_task(name).name
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}, or {LAND_COVER!r} (the held-out task of an MMEarth folder)") from None
+
+
+def _check_members(key: str, values: Sequence[Any]) -> None:
+    """A list key holds something, each entry once: a repeat would be a second cell of the same name."""
+    if not values:
+        raise ConfigError(f"{key}: the list is empty")
+    seen: set[Any] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            raise ConfigError(f"{key}[{i}]: {value!r} is listed twice")
+        seen.add(value)
+
+
+def _check_land_cover(config: BenchmarkConfig) -> None:
+    key = f"tasks[{config.tasks.index(LAND_COVER)}]"
+    if config.data is None:
+        raise ConfigError(f"{key}: {LAND_COVER} is read from an MMEarth folder; set data")
+    if config.partitions != ["default"]:
+        raise ConfigError(f"partitions: {LAND_COVER} ({key}) has only the 'default' partition, not "
+                          f"{[p for p in config.partitions if p != 'default']}")

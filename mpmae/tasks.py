@@ -47,6 +47,14 @@ TASKS: dict[str, GeoBenchTask] = {
 }
 #: The paper and the reference's docs call m-cashew-plant "m-cashew-plantation" (docs/method.md, D18).
 TASK_ALIASES = {"m-cashew-plantation": "m-cashew-plant"}
+#: GEO-Bench's label partitions: its default split, and the train split cut to a share of its samples.
+PARTITIONS: tuple[str, ...] = (
+    "default", "0.01x_train", "0.02x_train", "0.05x_train", "0.10x_train", "0.20x_train", "0.50x_train",
+    "1.00x_train",
+)
+#: The held-out task of an MMEarth folder (:mod:`mpmae.data.downstream`), to judge encoders without GEO-Bench;
+#: it has the ``default`` partition only.
+LAND_COVER = "land_cover"
 
 
 def get_task(name: str) -> GeoBenchTask:

@@ -84,7 +84,8 @@ CHECKPOINT_SECONDS = MetricSpec(
     "Time the training loop spent reporting a checkpoint: rank 0 writes it, the others wait (seconds)", "s",
     boundaries=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0, 600.0))
 PROBE_SCORE = MetricSpec(
-    "mpmae_probe_score", "gauge", "Linear-probe score of the encoder (accuracy or micro F1); Ray Tune ranks on it",
+    "mpmae_probe_score", "gauge",
+    "Linear-probe score of the encoder (mean true-class probability or soft micro F1); Ray Tune ranks on it",
     "1", tags=(RUN_TAG,))
 
 METRICS = (SAMPLES_PER_SECOND, STEP_SECONDS, DATA_WAIT_SECONDS, LOSS, TASK_LOSS, TASK_WEIGHT, LEARNING_RATE,

@@ -239,6 +239,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+            # no job runner: it starts seven huey consumers (2 GB) that tracking never uses
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
     try:
         _wait_for_port(port, server, timeout=120)

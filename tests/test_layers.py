@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("mpmae.runtime",),
     ("mpmae.train", "mpmae.viz"),
     ("mpmae.finetune",),
-    ("mpmae.tune",),
+    ("mpmae.tune", "mpmae.benchmark"),
     ("mpmae.dashboards", "mpmae.cluster"),
     ("mpmae.cli", "mpmae"),
 )

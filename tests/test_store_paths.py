@@ -186,7 +186,7 @@ def test_a_missing_bucket_or_refused_credentials_are_one_line_before_any_work(
 
 def test_a_store_that_stays_away_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    def away(checkpoint: str, out: str) -> None:
+    def away(checkpoint: str, out: str, layout: str = "mpmae") -> None:
         raise storage.StoreUnavailableError(f"{out}: the store did not answer (connection refused) after 3 tries")
 
     monkeypatch.setattr("mpmae.export.export_encoder", away)

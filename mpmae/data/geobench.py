@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from mpmae.modalities import SENTINEL2_BANDS, SENTINEL2_BGR_BANDS, SENTINEL2_INPUT_BANDS
-from mpmae.tasks import GeoBenchTask, get_task
+from mpmae.tasks import PARTITIONS, GeoBenchTask, get_task
 
 try:  # numpy >= 2 (numpy 1.26 also ships these modules for reading numpy 2 pickles)
     from numpy._core import multiarray as _multiarray
@@ -49,10 +49,6 @@ except ImportError:  # pragma: no cover - numpy < 1.26
     from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
 SPLIT_FOLDERS = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}
-PARTITIONS = (
-    "default", "0.01x_train", "0.02x_train", "0.05x_train", "0.10x_train", "0.20x_train", "0.50x_train",
-    "1.00x_train",
-)
 BAND_ORDERS = ("canonical", "reference")
 
 #: The reference's fine-tuning order (``BAND_NAMES_v1_full.json``): B8 before B8A, unlike pretraining.

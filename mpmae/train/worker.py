@@ -3,7 +3,7 @@
 Each epoch: draw batches (Ray Data shard or this rank's FFCV shards), crop all pixel modalities at one
 offset per sample, step the model with the recipe's per-iteration learning rate, then report metrics on
 every rank and a checkpoint from rank 0. With a probe configured, reports and checkpoints come every
-``probe.every_epochs`` epochs, each with rank 0's probe score. With ``run.checkpoint_every_steps`` a
+``probe.every_epochs`` epochs, each with rank 0's probe result. With ``run.checkpoint_every_steps`` a
 checkpoint also comes inside an epoch, with the batches done; at a preemption notice the workers
 checkpoint at once and wait for Ray Train's restart. Resuming picks up at the checkpoint's epoch and batch,
 with the global step count continuing. Step times and epoch values also go to Ray's application metrics
@@ -35,7 +35,7 @@ from mpmae.checkpoint import (
 from mpmae.config import PretrainConfig, from_dict
 from mpmae.data.loaders import FFCVBatches, aligned_random_crop, ffcv_loader, iter_raw_batches
 from mpmae.data.normalize import Normalizer
-from mpmae.evaluation.probe_task import load_probe_task
+from mpmae.evaluation.probe_task import SCORE, SCORE_HIGH, SCORE_LOW, ProbeResult, load_probe_task
 from mpmae.modalities import resolve_selection
 from mpmae.models.mpmae import MPMAE
 from mpmae.optim import WarmupCosine, apply_lr, build_optimizer, keep_fused
@@ -105,13 +105,13 @@ def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(values, (tensor / dist.get_world_size()).tolist(), strict=True))
 
 
-def _broadcast(value: float, device: torch.device) -> float:
-    """Rank 0's value on every rank, so that all ranks report the same probe score."""
+def _broadcast(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Rank 0's values on every rank, so that all ranks report the same probe result."""
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.broadcast(tensor, src=0)
-    return float(tensor.item())
+    return dict(zip(values, tensor.tolist(), strict=True))
 
 
 @dataclass
@@ -261,8 +261,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # with a probe, reports (and checkpoints) come with its score only
         due = config.probe.task is None or config.probe.due(state.epoch, config.optim.epochs)
         if config.probe.task is not None and due:
-            metrics["probe_score"] = _broadcast(probe(core.encoder, device) if probe is not None else 0.0, device)
-            telemetry.probe(metrics["probe_score"])
+            result = probe(core.encoder, device) if probe is not None else ProbeResult(0.0, 0.0, 0.0, 0.0)
+            metrics.update(_broadcast(result.metrics(), device))
+            telemetry.probe(metrics[SCORE])
         state.history.append(metrics)
         if tracker is not None:
             tracker.log_metrics(metrics, state.step)
@@ -271,7 +272,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("epoch %d/%d step %d loss %.4f %.1f samples/s%s", epoch + 1, config.optim.epochs, state.step,
                      metrics.get("loss", float("nan")), metrics["samples_per_s"],
-                     f" probe {metrics['probe_score']:.4f}" if "probe_score" in metrics else "")
+                     f" probe {metrics[SCORE]:.4f} [{metrics[SCORE_LOW]:.4f}, {metrics[SCORE_HIGH]:.4f}]"
+                     if SCORE in metrics else "")
         checkpoints.save(metrics, lr, "epoch")
     if tracker is not None:
         tracker.close()

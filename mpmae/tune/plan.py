@@ -8,9 +8,11 @@ from typing import Any
 
 import mpmae.storage as storage
 from mpmae.config import SweepConfig
+from mpmae.evaluation.probe_task import SCORE
 from mpmae.tune.space import SearchSpace
 
-METRIC = "probe_score"
+#: What Tune ranks trials by: the probe's continuous score (its interval and accuracy come beside it).
+METRIC = SCORE
 
 
 TIME_ATTR = "epochs_done"

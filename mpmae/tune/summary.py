@@ -1,10 +1,12 @@
 """What a finished sweep leaves behind: a table of trials, the best config, a plot, the best encoder.
 
-The table (``trials.csv``, ``trials.json``), ``best_config.yaml`` and ``probe_score.png`` summarise the
-whole sweep and are rewritten, atomically, each time it completes (a resumed sweep adds trials): they are
-made from Tune's record, which keeps every trial. The best trial's encoder goes to
-``best-encoder-<trial_id>/``, a new folder per best trial, never overwritten. The sweep folder may be a URI:
-each file is written whole (a local file renamed into place, an object uploaded in one piece).
+The table (``trials.csv``, ``trials.json``: each trial's last probe score with its 95 % interval and
+accuracy), ``best_config.yaml`` and ``probe_score.png`` summarise the whole sweep and are rewritten,
+atomically, each time it completes (a resumed sweep adds trials): they are made from Tune's record, which
+keeps every trial. The best trial's encoder goes to ``best-encoder-<trial_id>/``, a new folder per best
+trial, never overwritten. The sweep folder may be a URI: each file is written whole (a local file renamed
+into place, an object uploaded in one piece). The printed summary and the best config's header say whether
+the best trial's interval is clear of the worst's, or that the sweep could not tell its trials apart.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ from typing import Any
 import yaml
 
 import mpmae.storage as storage
+from mpmae.evaluation.probe_task import ACCURACY, SCORE_HIGH, SCORE_LOW
 from mpmae.export import CARD_FILE, export_encoder
 from mpmae.tables import format_table
 from mpmae.tracking import Tracker
 from mpmae.tune.plan import METRIC, TIME_ATTR, TRIALS_DIR, Sweep, yaml_ready
 from mpmae.tune.space import TASK_WEIGHTS, apply_params
 
-FIXED_COLUMNS = ("trial_id", METRIC, "epochs_run", "state")
+FIXED_COLUMNS = ("trial_id", METRIC, SCORE_LOW, SCORE_HIGH, ACCURACY, "epochs_run", "state")
 
 
 def trial_rows(sweep: Sweep, results: Any) -> list[dict[str, Any]]:
     """One row per trial, in the order Tune created them (see :func:`creation_index`): id, searched
-    values, last probe score, epochs run, how it ended."""
+    values, last probe score with its interval and accuracy (None where the trial reported none), epochs
+    run, how it ended."""
     rows, order = [], {}
     for position, result in enumerate(results):
         metrics = result.metrics or {}
@@ -41,7 +45,8 @@ def trial_rows(sweep: Sweep, results: Any) -> list[dict[str, Any]]:
             state = "error"
         else:
             state = "completed" if epochs >= sweep.epochs else "stopped early"
-        rows.append({"trial_id": metrics.get("trial_id", Path(result.path).name), METRIC: metrics.get(METRIC),
+        rows.append({"trial_id": metrics.get("trial_id", Path(result.path).name),
+                     **{key: metrics.get(key) for key in (METRIC, SCORE_LOW, SCORE_HIGH, ACCURACY)},
                      "epochs_run": epochs, "state": state, **dict(result.config)})
         order[id(rows[-1])] = (creation_index(metrics), position)
     return sorted(rows, key=lambda r: order[id(r)])
@@ -65,6 +70,30 @@ def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     trials, in creation order, with the highest score)."""
     scored = [r for r in rows if r["state"] != "error" and r[METRIC] is not None]
     return max(scored, key=lambda r: r[METRIC], default=None)
+
+
+def separation(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Whether the sweep told its trials apart, in words: the best trial's 95 % interval against the worst
+    trial's, and how many other trials lie wholly below it (none: the ranking is within the noise of the
+    scored tiles). None with fewer than two trials that have an interval."""
+    best = best_row(rows)
+    if best is None or best.get(SCORE_LOW) is None:
+        return None
+    others = [r for r in rows if r is not best and r["state"] != "error" and r.get(SCORE_HIGH) is not None]
+    if not others:
+        return None
+    worst = min(others, key=lambda r: r[METRIC])
+    below = [r for r in others if r[SCORE_HIGH] < best[SCORE_LOW]]
+    verdict = "separate" if worst[SCORE_HIGH] < best[SCORE_LOW] else "overlap"
+    text = (f"best trial {best['trial_id']} {_interval(best)}, worst trial {worst['trial_id']} {_interval(worst)}: "
+            f"the 95 % intervals {verdict}; ")
+    if not below:
+        return text + "the sweep could not tell its trials apart (the best's interval overlaps every other's)"
+    return text + f"the best's interval is above {len(below)} of the other {len(others)} trials'"
+
+
+def _interval(row: dict[str, Any]) -> str:
+    return f"{row[METRIC]:.4f} [{row[SCORE_LOW]:.4f}, {row[SCORE_HIGH]:.4f}]"
 
 
 def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -94,11 +123,14 @@ def summarize(sweep: Sweep, results: Any, tracker: Tracker | None = None) -> dic
         _rewrite(storage.join(folder, name), text)
     plot = plot_scores(rows, sweep, storage.join(folder, "probe_score.png"))
     best = best_row(rows)
-    summary: dict[str, Any] = {"folder": folder, "trials": rows, "best": best}
+    summary: dict[str, Any] = {"folder": folder, "trials": rows, "best": best, "separation": separation(rows)}
     if best is not None:
-        summary["best_config"] = str(write_best_config(sweep, best, storage.join(folder, "best_config.yaml")))
+        summary["best_config"] = str(write_best_config(sweep, best, storage.join(folder, "best_config.yaml"),
+                                                       summary["separation"]))
         summary["best_encoder"] = str(export_best_encoder(sweep, best))
         print(f"best trial {best['trial_id']}: {METRIC} {best[METRIC]:.4f} after {best['epochs_run']} epochs")
+    if summary["separation"] is not None:
+        print(summary["separation"])
     if tracker is not None:
         tracker.guarded("record the sweep's summary", lambda: _track_summary(
             tracker, sweep, rows, best, [*tables, *(["probe_score.png"] if plot else []),
@@ -149,14 +181,17 @@ def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def write_best_config(sweep: Sweep, best: dict[str, Any], path: Path | str) -> Path | str:
+def write_best_config(sweep: Sweep, best: dict[str, Any], path: Path | str,
+                      separation: str | None = None) -> Path | str:
     """The best trial's pretraining config, ready for ``mpmae pretrain --config``: the full budget, the
-    base config's storage, and a run name of its own."""
+    base config's storage, and a run name of its own; the header says how sure the choice is."""
     params = {k: v for k, v in best.items() if k not in FIXED_COLUMNS}
     config = apply_params(sweep.base, params)
     config["run"]["name"] = f"{sweep.config.name}-best"
     header = (f"# Best trial {best['trial_id']} of sweep {sweep.config.name}: {METRIC} {best[METRIC]:.4f} "
               f"after {best['epochs_run']} of {sweep.epochs} epochs.\n")
+    if separation is not None:
+        header += f"# {separation[0].upper()}{separation[1:]}.\n"
     _rewrite(path, header + yaml.safe_dump(yaml_ready(config), sort_keys=False))
     return path
 
@@ -190,9 +225,10 @@ def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path | str) 
         ax.set_visible(False)
     for ax, column in zip(axes.flat, numeric, strict=False):
         for state, marker in (("completed", "o"), ("stopped early", "x")):
-            points = [(r[column], r[METRIC]) for r in scored if r["state"] == state and r.get(column) is not None]
+            points = [r for r in scored if r["state"] == state and r.get(column) is not None]
             if points:
-                ax.scatter(*zip(*points, strict=True), marker=marker, label=state)
+                ax.errorbar([r[column] for r in points], [r[METRIC] for r in points], yerr=_error_bars(points),
+                            fmt=marker, capsize=3, label=state)
         dist = sweep.space.params.get(column) or sweep.space.task_weights.get(column.removeprefix(f"{TASK_WEIGHTS}."))
         if dist is None:
             dist = sweep.space.task_weights.get("default")
@@ -205,10 +241,16 @@ def plot_scores(rows: Sequence[dict[str, Any]], sweep: Sweep, path: Path | str) 
         ax.set_ylabel(METRIC)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle(f"sweep {sweep.config.name}: last probe score of each trial")
+    fig.suptitle(f"sweep {sweep.config.name}: last probe score of each trial, with its 95 % interval")
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
     _rewrite(path, image.getvalue())
     return path
+
+
+def _error_bars(rows: Sequence[dict[str, Any]]) -> list[list[float]]:
+    """Distances from each score down and up to its interval's ends (none for a trial without one)."""
+    return [[r[METRIC] - r[SCORE_LOW] if r.get(SCORE_LOW) is not None else 0.0 for r in rows],
+            [r[SCORE_HIGH] - r[METRIC] if r.get(SCORE_HIGH) is not None else 0.0 for r in rows]]

@@ -1,10 +1,12 @@
-"""The sweep summary's table order and best trial, on fixed results (no Ray instance)."""
+"""The sweep summary's table order, best trial and whether it told its trials apart, on fixed results (no
+Ray instance)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
-from mpmae.tune.summary import best_row, trial_rows
+from mpmae.tune.summary import best_row, separation, trial_rows
 
 # Ids are random with a search algorithm: the one created first sorts last, and two trials tie.
 CREATED = [  # (trial_id, experiment_tag, probe_score), in the order Tune created the trials
@@ -37,3 +39,36 @@ def test_errored_and_unscored_trials_are_never_best() -> None:
             {"trial_id": "c", "probe_score": 0.1, "state": "stopped early"}]
     assert best_row(rows)["trial_id"] == "c"
     assert best_row(rows[:2]) is None
+
+
+def _row(trial_id: str, score: float, low: float, high: float, state: str = "completed") -> dict[str, Any]:
+    return {"trial_id": trial_id, "probe_score": score, "probe_score_low": low, "probe_score_high": high,
+            "probe_accuracy": 0.5, "state": state}
+
+
+def test_rows_carry_each_trials_interval_and_accuracy() -> None:
+    metrics = {"trial_id": "a", "experiment_tag": "1_x", "probe_score": 0.41, "probe_score_low": 0.36,
+               "probe_score_high": 0.47, "probe_accuracy": 0.55, "epochs_done": 2}
+    old = {"trial_id": "b", "experiment_tag": "2_x", "probe_score": 0.6, "epochs_done": 1}  # before intervals
+    results = [SimpleNamespace(metrics=m, error=None, path=f"/sweep/{m['trial_id']}", config={})
+               for m in (metrics, old)]
+    rows = trial_rows(SimpleNamespace(epochs=2), results)
+    assert [(r["probe_score_low"], r["probe_score_high"], r["probe_accuracy"]) for r in rows] == [
+        (0.36, 0.47, 0.55), (None, None, None)]
+    assert separation(rows) is None  # the best has no interval to compare
+
+
+def test_the_summary_says_when_the_best_interval_is_clear_of_the_worst() -> None:
+    rows = [_row("a", 0.40, 0.35, 0.45), _row("b", 0.52, 0.47, 0.57), _row("c", 0.43, 0.38, 0.48),
+            _row("d", 0.90, 0.30, 0.95, state="error")]  # an errored trial is neither best nor compared
+    assert separation(rows) == ("best trial b 0.5200 [0.4700, 0.5700], worst trial a 0.4000 [0.3500, 0.4500]: "
+                                "the 95 % intervals separate; the best's interval is above 1 of the other 2 trials'")
+
+
+def test_the_summary_says_when_the_sweep_could_not_tell_its_trials_apart() -> None:
+    rows = [_row("a", 0.40, 0.35, 0.45), _row("b", 0.44, 0.39, 0.49), _row("c", 0.43, 0.38, 0.48)]
+    text = separation(rows)
+    assert text is not None and text.startswith("best trial b 0.4400 [0.3900, 0.4900], worst trial a 0.4000")
+    assert text.endswith("the 95 % intervals overlap; the sweep could not tell its trials apart "
+                         "(the best's interval overlaps every other's)")
+    assert separation(rows[1:2]) is None  # one trial: nothing to tell apart
