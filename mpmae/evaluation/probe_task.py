@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mpmae.config import PretrainConfig
 from mpmae.evaluation.linear_probe import extract_features, train_head
 from mpmae.evaluation.split_metrics import make_metric
+from mpmae.evaluation.statistics import bootstrap_metric
 from mpmae.modalities import resolve_selection
 from mpmae.models.convnextv2 import ConvNeXtV2
 from mpmae.tasks import TaskKind
@@ -35,11 +37,8 @@ SCORE, SCORE_LOW, SCORE_HIGH, ACCURACY = "probe_score", "probe_score_low", "prob
 #: (fewer folds on a split of under ten tiles).
 LAND_COVER_FOLDS = 5
 
-#: Bootstrap resamples of the scored tiles, and the interval's coverage.
-RESAMPLES, LEVEL = 2000, 0.95
-
-#: Resamples drawn at once (bounds the bootstrap's memory on a large GEO-Bench split).
-_CHUNK = 250
+#: The coverage of the score's interval.
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class ProbeTask:
             metric.update(logits, y)
             stats.append(tile_scores(logits, y, self.kind))
         scores = torch.cat(stats)
-        low, high = bootstrap_interval(scores, seed=self.seed)
+        low, high = score_interval(scores, seed=self.seed)
         return ProbeResult(pooled_score(scores), low, high, metric.compute())
 
 
@@ -102,24 +101,18 @@ def tile_scores(logits: Tensor, labels: Tensor, kind: TaskKind) -> Tensor:
 
 def pooled_score(stats: Tensor) -> float:
     """The score of per-tile (numerator, denominator) rows."""
-    total = stats.sum(dim=0)
+    return _ratio(stats.sum(dim=0))
+
+
+def score_interval(stats: Tensor, *, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of :func:`pooled_score` over the tiles (seeded, so that a probe's
+    interval is reproducible and trials with as many tiles draw the same resamples)."""
+    return bootstrap_metric(stats.double().cpu().numpy(), _ratio, confidence=CONFIDENCE, seed=seed)
+
+
+def _ratio(total: Tensor | np.ndarray) -> float:
+    """Summed numerators over summed denominators (a tensor or an array of the two)."""
     return float(total[0] / total[1])
-
-
-def bootstrap_interval(stats: Tensor, *, resamples: int = RESAMPLES, level: float = LEVEL,
-                       seed: int = 0) -> tuple[float, float]:
-    """The percentile bootstrap interval of :func:`pooled_score`, resampling tiles with replacement (seeded, so a
-    probe's interval is reproducible and trials with as many tiles draw the same resamples)."""
-    generator = torch.Generator().manual_seed(seed)
-    stats = stats.double().cpu()
-    draws = []
-    for start in range(0, resamples, _CHUNK):
-        index = torch.randint(len(stats), (min(_CHUNK, resamples - start), len(stats)), generator=generator)
-        sums = stats[index].sum(dim=1)
-        draws.append(sums[:, 0] / sums[:, 1])
-    tail = (1 - level) / 2
-    low, high = torch.quantile(torch.cat(draws), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return low, high
 
 
 def load_probe_task(config: PretrainConfig) -> ProbeTask:
