@@ -556,6 +556,8 @@ class FinetuneConfig:
     smoothing: float = 0.2
     freeze_epochs: int = 0
     select: Literal["last", "best_val"] = "last"
+    #: Checkpoint every this many epochs (and at the end); the epochs between report their metrics only.
+    checkpoint_every: int = 1
     run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(num_workers=1))
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
@@ -602,7 +604,7 @@ RENAMED_KEYS: dict[type, dict[str, str]] = {
 _FINETUNE_RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "blr": POSITIVE, "min_lr": NON_NEGATIVE,
                     "warmup_epochs": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
                     "layer_decay": Interval(0.0, 1.0, open_low=True), "drop_path": FRACTION, "smoothing": FRACTION,
-                    "freeze_epochs": NON_NEGATIVE}
+                    "freeze_epochs": NON_NEGATIVE, "checkpoint_every": AT_LEAST_1}
 
 
 # -- Ray Tune sweeps ----------------------------------------------------------------------------------------

@@ -253,6 +253,7 @@ def test_pretrain_values_out_of_range_name_the_key(in_tmp: Path, overrides: list
     (["batch_size=0"], "batch_size: 0 must be >= 1"),
     (["warmup_epochs=101"], "warmup_epochs: 101 must lie in [0, epochs 100]"),
     (["freeze_epochs=-1"], "freeze_epochs: -1 must be >= 0"),
+    (["checkpoint_every=0"], "checkpoint_every: 0 must be >= 1"),
     (["patch_size=12"], "patch_size: 12 is not one of [8, 16, 32]"),
     (["arch=gigantic"], "arch: 'gigantic' is not one of"),
     (["run.num_workers=0"], "run.num_workers: 0 must be >= 1"),

@@ -1,11 +1,12 @@
 """GEO-Bench evaluation runs on Ray Train, and the quick in-process probe table (`mpmae probe`).
 
 A run trains on the task's train split (each rank a `DistributedSampler` share), evaluates the val
-split after every epoch (each rank a disjoint share, counts summed over ranks), reports every epoch with
-a checkpoint from rank 0, and finally scores the test split with the weights the config's ``select``
-rule picks. The results JSON and the printed table come from the driver. With tracking on, rank 0 logs
-each epoch's train and val metrics, the driver the test metrics and ``results.json``. The encoder and the
-run storage may be URIs (``s3://...``): Ray Train writes the checkpoints there, the driver ``results.json``.
+split after every epoch (each rank a disjoint share, counts summed over ranks), reports every epoch, with
+a checkpoint from rank 0 every ``checkpoint_every`` epochs, and finally scores the test split with the
+weights the config's ``select`` rule picks. The results JSON and the printed table come from the driver.
+With tracking on, rank 0 logs each epoch's train and val metrics, the driver the test metrics and
+``results.json``. The encoder and the run storage may be URIs (``s3://...``): Ray Train writes the
+checkpoints there, the driver ``results.json``.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def finetune_loop(loop_config: dict[str, Any]) -> None:
         if fine.select == "best_val" and row["val_metric"] > best["metric"]:
             best = {"metric": row["val_metric"], "epoch": row["epoch"],
                     "model": copy.deepcopy(finetuner.model.state_dict())}
+        if finetuner.epoch % config.checkpoint_every:
+            ray.train.report(row)  # metrics only: a checkpoint every epoch of a long probe is gigabytes
+            continue
         _report(row, rank, {"finetuner": finetuner.state_dict(), "history": history, "best": best,
                             "config": loop_config["config"]}, upload_async=config.run.async_upload)
     selected = fine.epochs - 1

@@ -25,7 +25,7 @@ def test_finetune_overfits_real_bigearthnet_patches(ray_cluster: object, mlflow_
     config = load_config(FinetuneConfig, None, [
         f"geobench_dir={realdata / 'geobench_mini'}", "task=m-bigearthnet", "batch_size=4", "epochs=100",
         "blr=0.0128", "min_lr=2e-4", "weight_decay=0.0", "smoothing=0.0", "drop_path=0.0", "layer_decay=1.0",
-        f"run.storage_path={tmp_path}", "run.name=ben", "run.cpus_per_worker=1",
+        f"run.storage_path={tmp_path}", "run.name=ben", "run.cpus_per_worker=1", "checkpoint_every=25",
         "tracking.mlflow=true", "tracking.tensorboard=true", "tracking.experiment=evaluation",
     ])
     results = finetune(config)
@@ -49,5 +49,9 @@ def test_finetune_overfits_real_bigearthnet_patches(ray_cluster: object, mlflow_
     events = EventAccumulator(str(tmp_path / "ben" / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([h["train_loss"] for h in history])
+    # checkpoints every 25 epochs (Ray keeps the newest), then the final one with the selected weights
+    kept = {p.name for p in (tmp_path / "ben").glob("epoch-*")}
+    assert kept and kept <= {"epoch-0025", "epoch-0050", "epoch-0075", "epoch-0100"}
+    assert (tmp_path / "ben" / "final" / "complete.json").is_file()
     with pytest.raises(FileExistsError, match="results.json already exists"):
         finetune(config)
