@@ -685,21 +685,13 @@ class ProbeRecipe:
 
 
 @dataclasses.dataclass
-class FinetuneRecipe:
-    """A classification task's fine-tuning: every parameter trains, with layer decay (docs/method.md)."""
+class FinetuneRecipe(ProbeRecipe):
+    """A classification task's fine-tuning: the probe's optimiser settings, and every parameter trains, with
+    warmup, layer decay and drop path (docs/method.md)."""
 
-    batch_size: int = 1024
-    blr: float = 2e-4
-    min_lr: float = 1e-6
     warmup_epochs: int = 0
-    weight_decay: float = 0.3
     layer_decay: float = 0.9
     drop_path: float = 0.1
-    smoothing: float = 0.2
-
-    @property
-    def lr(self) -> float:
-        return self.blr * self.batch_size / 256
 
 
 @dataclasses.dataclass
@@ -794,7 +786,7 @@ class BenchmarkConfig:
         check_storage(self.storage_path, "storage_path")
 
 
-def _check_recipe(recipe: ProbeRecipe | FinetuneRecipe, prefix: str, epochs: int) -> None:
+def _check_recipe(recipe: ProbeRecipe, prefix: str, epochs: int) -> None:
     """A mode's recipe: ranges, epochs of warmup and freezing within its ``epochs``, a cosine that falls."""
     _check_ranges(recipe, prefix, {k: v for k, v in _FINETUNE_RANGES.items() if hasattr(recipe, k)})
     for key in ("warmup_epochs", "freeze_epochs"):
